@@ -1,0 +1,72 @@
+# voucher-bridge: `make demo` shows it working end to end, `make test` runs every test.
+# Both install what they need (uv, the Python dependencies, the Kafka jars) on first use.
+
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/var/tools/bin/uv)
+KAFKA := deploy/kafka/kafka.sh
+
+.PHONY: help sync kafka-up kafka-down topics demo run test test-unit lint format asyncapi sandbox clean
+
+help:
+	@echo "make demo        the service end to end: broker, sandbox, service, two POS sessions"
+	@echo "make test        lint, unit and integration tests against a real Kafka broker"
+	@echo "make run         the service in the foreground (settings from the environment)"
+	@echo "make kafka-up    start the local Kafka broker (127.0.0.1:9092); make kafka-down"
+	@echo "make sandbox     the eVOUCHER sandbox on 127.0.0.1:8081"
+
+$(CURDIR)/var/tools/bin/uv:
+	python3 -m venv var/tools
+	var/tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.venv/.synced: pyproject.toml uv.lock contracts/pyproject.toml | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+sync: .venv/.synced
+
+kafka-up:
+	@$(KAFKA) up
+
+kafka-down:
+	@$(KAFKA) down
+
+topics: sync kafka-up
+	$(UV) run voucher-bridge topics
+
+# Starts the broker only if none runs, and stops it afterwards only if it started it.
+demo: sync
+	@if $(KAFKA) status >/dev/null 2>&1; then started=0; else started=1; fi; \
+	$(KAFKA) up || exit 1; \
+	$(UV) run voucher-bridge demo; rc=$$?; \
+	if [ $$started = 1 ]; then $(KAFKA) down; fi; \
+	exit $$rc
+
+run: sync
+	$(UV) run voucher-bridge run
+
+sandbox: sync
+	$(UV) run voucher-bridge sandbox evoucher
+
+lint: sync
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	$(UV) run mypy
+
+format: sync
+	$(UV) run ruff check --fix .
+	$(UV) run ruff format .
+
+test-unit: sync
+	$(UV) run pytest tests/unit -q
+
+# The integration tests start the local broker themselves when none runs (tests/support/kafka.py).
+test: lint
+	$(UV) run pytest -q
+
+asyncapi: sync
+	$(UV) run voucher-bridge asyncapi --out contracts/asyncapi.json
+
+clean:
+	-$(KAFKA) down
+	rm -rf var/kafka/data var/demo .pytest_cache .mypy_cache .ruff_cache

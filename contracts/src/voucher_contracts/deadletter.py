@@ -1,0 +1,12 @@
+"""Headers a dead letter carries besides the original record's own (kept as they were)."""
+
+REASON = (
+    "x-dlq-reason"  # machine-readable: not_json, missing_attribute, unknown_type, too_large, ...
+)
+DETAIL = "x-dlq-detail"  # human-readable detail
+FAILED_AT = "x-dlq-failed-at"  # ISO 8601 UTC
+ORIGINAL_TOPIC = "x-dlq-original-topic"
+ORIGINAL_PARTITION = "x-dlq-original-partition"
+ORIGINAL_OFFSET = "x-dlq-original-offset"
+ORIGINAL_TIMESTAMP = "x-dlq-original-timestamp"  # the record's timestamp, ms since the epoch
+ORIGINAL_GROUP = "x-dlq-original-group"  # the consumer group that read it

@@ -1,0 +1,85 @@
+"""The `data` of the five `pos.*` commands (design.md), and what their results add."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+MAX_BILL_TOTAL = Decimal("99999999.99")
+
+
+def _exact_decimal(value: Any) -> Any:
+    # Money never goes through float: a JSON number is decoded to Decimal before it gets here
+    # (see binding.decode_json); a float here means a caller lost precision already.
+    if isinstance(value, bool | float):
+        raise ValueError("must be a decimal number or a decimal string, not a float")
+    if isinstance(value, str):
+        value = value.strip()
+    return value
+
+
+def _two_places(value: Decimal) -> Decimal:
+    if not value.is_finite():
+        raise ValueError("must be a finite number")
+    if value < 0:
+        raise ValueError("must be greater than or equal to 0")
+    if value > MAX_BILL_TOTAL:
+        raise ValueError(f"must be at most {MAX_BILL_TOTAL}")
+    cents = value.quantize(Decimal("0.01"))
+    if cents != value:
+        raise ValueError("must have at most 2 decimal places")
+    return cents
+
+
+Money = Annotated[Decimal, BeforeValidator(_exact_decimal), AfterValidator(_two_places)]
+
+# Codes travel joined by ';' to the upstream, so a code may not contain one.
+VoucherCode = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$", strict=True)
+]
+
+
+def _unique(codes: list[str]) -> list[str]:
+    if len(set(codes)) != len(codes):
+        raise ValueError("must not repeat a voucher code")
+    return codes
+
+
+class _PosData(BaseModel):
+    # Unknown fields are ignored so that senders can add fields before we read them.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class BillTotal(_PosData):
+    bill_total: Money
+
+
+class Scan(_PosData):
+    voucher_code: VoucherCode
+
+
+class Remove(_PosData):
+    voucher_code: VoucherCode
+
+
+class Redeem(_PosData):
+    voucher_codes: Annotated[list[VoucherCode], Field(min_length=1), AfterValidator(_unique)]
+
+
+class Cancel(_PosData):
+    voucher_codes: Annotated[list[VoucherCode], AfterValidator(_unique)] = Field(
+        default_factory=list
+    )
+
+
+PosCommandData = BillTotal | Scan | Remove | Redeem | Cancel
+
+POS_COMMAND_TYPES: dict[str, type[_PosData]] = {
+    "pos.bill_total": BillTotal,
+    "pos.scan": Scan,
+    "pos.remove": Remove,
+    "pos.redeem": Redeem,
+    "pos.cancel": Cancel,
+}

@@ -1,0 +1,3 @@
+"""voucher-bridge: POS and coupon commands from Kafka, applied once upstream, answered once."""
+
+__version__ = "0.1.0"

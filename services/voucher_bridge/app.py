@@ -1,0 +1,181 @@
+"""Wiring: settings → adapters → handlers → the FastStream app that consumes the commands."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from faststream import AckPolicy, FastStream
+from faststream.asgi import AsgiFastStream, make_ping_asgi
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.message import StreamMessage
+from faststream.specification import AsyncAPI
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+from voucher_bridge import __version__
+from voucher_bridge.evoucher.client import EvoucherClient, InMemorySessions
+from voucher_bridge.evoucher.decisions import MONEY_MOVING
+from voucher_bridge.evoucher.handler import PosCommandHandler
+from voucher_bridge.kafka.connection import connection_args, faststream_security
+from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
+from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
+from voucher_bridge.kafka.producer import RecordProducer
+from voucher_bridge.settings import Settings
+from voucher_bridge.telemetry import configure_tracing
+from voucher_contracts import ResultEnvelope
+from voucher_contracts.pos import POS_COMMAND_TYPES
+
+log = logging.getLogger(__name__)
+
+
+async def _lenient_parser(
+    record: ConsumerRecord[bytes | None, bytes | None],
+    parse: Callable[[Any], Awaitable[StreamMessage[Any]]],
+) -> StreamMessage[Any]:
+    # FastStream decodes every header as UTF-8 and fails on anything else (faststream#2458),
+    # which would skip the record unseen. Give it a copy with text-safe headers; the record
+    # itself, bytes intact, stays the message's raw_message for the pipeline.
+    safe = copy.copy(record)
+    safe.headers = [(k, _text_safe(v)) for k, v in record.headers]
+    message = await parse(safe)
+    message.raw_message = record
+    return message
+
+
+def _text_safe(value: bytes | None) -> bytes:
+    if value is None:
+        return b""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return b""
+    return value
+
+
+async def _raw_decoder(message: StreamMessage[Any], decode: Any) -> bytes:
+    # The pipeline decodes CloudEvents itself (both bindings, exact decimals); FastStream's
+    # decoder must never fail on a malformed record, or the record would go unseen.
+    return bytes(message.body)
+
+
+class Service:
+    """The running parts of one voucher-bridge instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer = RecordProducer(**connection_args(settings))
+        self.evoucher = EvoucherClient(
+            settings.evoucher_base_url,
+            settings.evoucher_terminals,
+            InMemorySessions(),
+            connect_timeout_s=settings.evoucher_connect_timeout_s,
+            read_timeout_s=settings.evoucher_read_timeout_s,
+            max_connections=settings.evoucher_max_connections,
+        )
+        HTTPXClientInstrumentor().instrument_client(self.evoucher._http)
+        self.pos_pipeline = CommandPipeline(
+            Topics(settings.pos_commands_topic, settings.pos_results_topic, settings.pos_dlq_topic),
+            POS_COMMAND_TYPES,
+            PosCommandHandler(self.evoucher),
+            self.producer,
+            group_id=settings.kafka_group_id,
+            max_record_bytes=settings.max_record_bytes,
+            money_moving=MONEY_MOVING,
+        )
+        self.pos_dispatcher = KeyOrderedDispatcher(
+            self.pos_pipeline.process,
+            max_in_flight=settings.max_in_flight,
+            commit_interval_s=settings.commit_interval_ms / 1000,
+            drain_timeout_s=settings.drain_timeout_s,
+        )
+        self.broker = self._broker()
+
+    def _broker(self) -> KafkaBroker:
+        settings = self.settings
+        broker = KafkaBroker(
+            settings.kafka_bootstrap_servers,
+            security=faststream_security(settings),
+            client_id="voucher-bridge",
+            # Topics are provisioned by their owners (or `voucher-bridge topics`), never
+            # created here with one partition by accident.
+            allow_auto_create_topics=False,
+            graceful_timeout=settings.drain_timeout_s,
+        )
+        subscriber = broker.subscriber(
+            settings.pos_commands_topic,
+            group_id=settings.kafka_group_id,
+            # A command produced before the group's first start is still a command.
+            auto_offset_reset="earliest",
+            # Offsets are committed by the dispatcher, per partition, only up to the lowest
+            # unfinished record; FastStream's ACK_FIRST default would lose commands.
+            ack_policy=AckPolicy.MANUAL,
+            listener=self.pos_dispatcher.listener,
+            parser=_lenient_parser,
+            decoder=_raw_decoder,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            session_timeout_ms=settings.session_timeout_ms,
+            title="pos.commands",
+            description="POS payment commands (CloudEvents 1.0, structured or binary), "
+            "keyed by terminal.",
+        )
+        dispatcher = self.pos_dispatcher
+
+        @subscriber
+        async def on_pos_command(body: bytes, message: KafkaMessage) -> None:
+            record = message.raw_message
+            assert not isinstance(record, tuple)  # not a batch subscriber
+            await dispatcher.submit(record, message.consumer)
+
+        # Declared for the AsyncAPI document; results are sent by RecordProducer (see there).
+        broker.publisher(
+            settings.pos_results_topic,
+            title="pos.results",
+            description="One result event per POS command, keyed like the command.",
+            schema=ResultEnvelope,
+        )
+        return broker
+
+    async def on_startup(self) -> None:
+        await self.producer.start()
+
+    async def on_shutdown(self) -> None:
+        # Before the broker stops its consumer: finish in-flight work and commit it.
+        await self.pos_dispatcher.close()
+
+    async def after_shutdown(self) -> None:
+        await self.producer.stop()
+        await self.evoucher.aclose()
+
+    def specification(self) -> AsyncAPI:
+        return AsyncAPI(
+            self.broker,
+            title="voucher-bridge",
+            version=__version__,
+            description="POS and coupon commands in, one result event per command out.",
+        )
+
+    def app(self) -> FastStream:
+        configure_tracing()
+        return FastStream(
+            self.broker,
+            specification=self.specification(),
+            on_startup=[self.on_startup],
+            on_shutdown=[self.on_shutdown],
+            after_shutdown=[self.after_shutdown],
+        )
+
+    def asgi_app(self) -> AsgiFastStream:
+        configure_tracing()
+        return AsgiFastStream(
+            self.broker,
+            specification=self.specification(),
+            asgi_routes=[("/health", make_ping_asgi(self.broker, timeout=5.0))],
+            asyncapi_path=None,
+            on_startup=[self.on_startup],
+            on_shutdown=[self.on_shutdown],
+            after_shutdown=[self.after_shutdown],
+        )

@@ -1,0 +1,115 @@
+"""The `voucher-bridge` console command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="voucher-bridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the service in the foreground")
+    run.add_argument("--http-port", type=int, help="health endpoint port (0: none)")
+
+    topics = commands.add_parser("topics", help="create the service's topics where missing")
+    topics.add_argument("--partitions", type=int, default=6)
+
+    spec = commands.add_parser("asyncapi", help="write the AsyncAPI document")
+    spec.add_argument("--out", type=Path, default=Path("contracts/asyncapi.json"))
+
+    sandbox = commands.add_parser("sandbox", help="run an upstream API sandbox")
+    which = sandbox.add_subparsers(dest="sandbox", required=True)
+    evoucher = which.add_parser("evoucher", help="the eVOUCHER POS API sandbox")
+    evoucher.add_argument("--host", default="127.0.0.1")
+    evoucher.add_argument("--port", type=int, default=8081)
+    evoucher.add_argument("--seed", type=Path, default=Path("deploy/sandbox/evoucher-seed.json"))
+    evoucher.add_argument("--latency-ms", type=float, default=0.0)
+    evoucher.add_argument("--error-rate", type=float, default=0.0)
+    evoucher.add_argument("--timeout-rate", type=float, default=0.0)
+    evoucher.add_argument("--drop-after-apply-rate", type=float, default=0.0)
+    evoucher.add_argument("--no-strict-session", action="store_true")
+
+    demo = commands.add_parser("demo", help="play POS sessions through a running service")
+    demo.add_argument("--sandbox-url", default="http://127.0.0.1:8081")
+    demo.add_argument("--timeout", type=float, default=60.0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "run":
+        return _run(args.http_port)
+    if args.command == "topics":
+        return _topics(args.partitions)
+    if args.command == "asyncapi":
+        return _asyncapi(args.out)
+    if args.command == "sandbox":
+        return _sandbox_evoucher(args)
+    if args.command == "demo":
+        from voucher_bridge.demo import play
+
+        return asyncio.run(play(args.sandbox_url, timeout_s=args.timeout))
+    return 2
+
+
+def _run(http_port: int | None) -> int:
+    from voucher_bridge.app import Service
+    from voucher_bridge.settings import load_settings
+
+    settings = load_settings()
+    port = settings.http_port if http_port is None else http_port
+    service = Service(settings)
+    if port:
+        import uvicorn
+
+        uvicorn.run(service.asgi_app(), host=settings.http_host, port=port, log_level="warning")
+    else:
+        asyncio.run(service.app().run())
+    return 0
+
+
+def _topics(partitions: int) -> int:
+    from voucher_bridge.kafka.admin import ensure_topics
+    from voucher_bridge.settings import load_settings
+
+    created = asyncio.run(ensure_topics(load_settings(), partitions))
+    print("created: " + (", ".join(created) if created else "nothing (all exist)"))
+    return 0
+
+
+def _asyncapi(out: Path) -> int:
+    from voucher_bridge.app import Service
+    from voucher_bridge.settings import load_settings
+
+    document = Service(load_settings()).specification().to_specification().to_jsonable()
+    out.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _sandbox_evoucher(args: argparse.Namespace) -> int:
+    from voucher_bridge.sandbox.faults import FaultConfig
+    from voucher_bridge.sandbox.server import serve_evoucher
+
+    faults = FaultConfig(
+        latency_ms=args.latency_ms,
+        error_rate=args.error_rate,
+        timeout_rate=args.timeout_rate,
+        drop_after_apply_rate=args.drop_after_apply_rate,
+    )
+    serve_evoucher(
+        args.host, args.port, args.seed, faults, strict_session=not args.no_strict_session
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Key-ordered concurrent processing of Kafka records, with commits that never skip work.
+
+Neither FastStream nor aiokafka processes different keys of one partition concurrently while
+keeping each key's order, and FastStream's `ack()` commits the consumer's whole position (see
+shared/research/faststream-aiokafka.md §1.2-1.4). This module does both, in the manner of the
+Confluent Parallel Consumer's KEY mode:
+
+- records of one key (within a partition) run strictly one after another, in offset order;
+- records of different keys run concurrently, up to `max_in_flight` records in all; beyond
+  that, fetching is paused until half of them are done (back-pressure);
+- an offset is committed only when it and every earlier offset of its partition are finished;
+- on revocation, the partition's running records finish (bounded), its finished offsets are
+  committed, and what was queued behind them is left for the next owner;
+- on shutdown, the same for every partition.
+
+A record is finished only when `process` returns; `process` is expected to handle every
+failure of its own (dead letter, `failed` result). If it raises anyway, the record is retried
+with backoff rather than skipped: nothing is committed past a record that was not processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from voucher_bridge.kafka.offsets import PartitionOffsets
+from voucher_bridge.kafka.records import Record
+
+log = logging.getLogger(__name__)
+
+Process = Callable[[Record], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The records of one key in one partition, processed in order by one task."""
+
+    records: deque[Record] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Partition:
+    offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
+    lanes: dict[bytes | None, _Lane] = field(default_factory=dict)
+    revoked: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class KeyOrderedDispatcher:
+    def __init__(
+        self,
+        process: Process,
+        *,
+        max_in_flight: int = 1000,
+        commit_interval_s: float = 0.2,
+        drain_timeout_s: float = 30.0,
+        commit_timeout_s: float = 10.0,
+    ) -> None:
+        self._process = process
+        self._max_in_flight = max_in_flight
+        self._commit_interval_s = commit_interval_s
+        self._drain_timeout_s = drain_timeout_s
+        self._commit_timeout_s = commit_timeout_s
+        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._in_flight = 0
+        self._paused = False
+        self._closing = False
+        self._commit_wanted = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self.listener = _DrainOnRevoke(self)
+
+    # -- intake, called by the consume loop in fetch order ------------------------------------
+
+    async def submit(self, record: Record, consumer: AIOKafkaConsumer) -> None:
+        """Accept a record for processing. Never waits: when `max_in_flight` records are in
+        flight it pauses fetching instead, so the consume loop keeps polling (a blocked handler
+        would breach `max_poll_interval_ms` and lose the group membership)."""
+        self._consumer = consumer
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_loop(), name="offset-committer")
+        if self._closing:
+            return  # not accepted, so not committed: the next consumer reads it again
+        tp = TopicPartition(record.topic, record.partition)
+        partition = self._partitions.get(tp)
+        if partition is None:
+            if tp not in consumer.assignment():
+                return  # fetched before a revocation; no longer ours
+            partition = self._partitions[tp] = _Partition()
+        if partition.revoked or not partition.offsets.accept(record.offset):
+            return
+        self._in_flight += 1
+        if self._in_flight >= self._max_in_flight and not self._paused:
+            self._paused = True
+            consumer.pause(*consumer.assignment())
+        partition.idle.clear()
+        lane = partition.lanes.get(record.key)
+        if lane is not None:
+            lane.records.append(record)
+            return
+        lane = partition.lanes[record.key] = _Lane(deque([record]))
+        lane.task = asyncio.create_task(self._run_lane(partition, record.key, lane))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- processing ---------------------------------------------------------------------------
+
+    async def _run_lane(self, partition: _Partition, key: bytes | None, lane: _Lane) -> None:
+        try:
+            while lane.records:
+                record = lane.records[0]
+                await self._process_until_done(record)
+                lane.records.popleft()
+                partition.offsets.finish(record.offset)
+                self._release(1)
+                self._commit_wanted.set()
+        finally:
+            # Reached with records left only when cancelled (drain timed out): give back
+            # their room; their offsets stay uncommitted for the next owner.
+            if lane.records:
+                self._release(len(lane.records))
+                lane.records.clear()
+            if partition.lanes.get(key) is lane:
+                del partition.lanes[key]
+            if not partition.lanes:
+                partition.idle.set()
+
+    async def _process_until_done(self, record: Record) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._process(record)
+                return
+            except Exception:
+                log.exception(
+                    "processing %s[%d]@%d failed; retrying in %.1fs",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _release(self, count: int) -> None:
+        self._in_flight -= count
+        # Resume below a low-water mark, not at the limit, so fetching does not flap.
+        if self._paused and self._in_flight <= self._max_in_flight // 2 and not self._closing:
+            self._paused = False
+            if self._consumer is not None:
+                self._consumer.resume(*self._consumer.assignment())
+
+    # -- commits ------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self.commit(tp for tp, p in self._partitions.items() if not p.revoked)
+            # Batch the commits of records finishing close together into one request.
+            await asyncio.sleep(self._commit_interval_s)
+
+    async def commit(self, tps: Any) -> None:
+        """Commit the finished prefix of each partition in `tps` that has something new."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for tp in tps:
+            partition = self._partitions.get(tp)
+            position = partition.offsets.committable() if partition else None
+            if position is not None:
+                offsets[tp] = position
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(consumer.commit(offsets), self._commit_timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            # The offsets stay uncommitted and are tried again with the next commit; if the
+            # group moved the partition, its next owner re-reads them (the store dedupes).
+            log.warning("offset commit failed (%s): %s", type(exc).__name__, offsets)
+            return
+        for tp, position in offsets.items():
+            partition = self._partitions.get(tp)
+            if partition is not None:
+                partition.offsets.committed = position
+
+    # -- revocation and shutdown --------------------------------------------------------------
+
+    async def drain(self, tps: list[TopicPartition]) -> None:
+        """Let the running records of `tps` finish, commit them, and forget those partitions."""
+        partitions = [(tp, p) for tp in tps if (p := self._partitions.get(tp)) is not None]
+        for _, partition in partitions:
+            partition.revoked = True
+            for lane in partition.lanes.values():
+                # Keep only the record being processed; the rest go to the next owner.
+                queued = len(lane.records) - 1
+                if queued > 0:
+                    head = lane.records.popleft()
+                    lane.records.clear()
+                    lane.records.append(head)
+                    self._release(queued)
+        waits = [p.idle.wait() for _, p in partitions if p.lanes]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), self._drain_timeout_s)
+            except TimeoutError:
+                stuck = [lane.task for _, p in partitions for lane in p.lanes.values()]
+                log.error("drain timed out; abandoning %d running records", len(stuck))
+                for task in stuck:
+                    if task is not None:
+                        task.cancel()
+                await asyncio.gather(*(t for t in stuck if t), return_exceptions=True)
+        await self.commit(tp for tp, _ in partitions)
+        for tp, _ in partitions:
+            self._partitions.pop(tp, None)
+
+    async def close(self) -> None:
+        """Stop accepting, finish what runs (bounded), commit it. Call before the consumer stops."""
+        self._closing = True
+        await self.drain(list(self._partitions))
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+
+
+class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka awaits this before it rejoins the group, so draining here hands over cleanly."""
+
+    def __init__(self, dispatcher: KeyOrderedDispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            await self._dispatcher.drain(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))

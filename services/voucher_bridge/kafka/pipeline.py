@@ -1,0 +1,179 @@
+"""One record in, one result event (or one dead letter) out, inside one trace."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from voucher_bridge.kafka.producer import RecordProducer
+from voucher_bridge.kafka.records import Record
+from voucher_bridge.telemetry import context_from, trace_headers
+from voucher_contracts import (
+    CommandEnvelope,
+    Outcome,
+    ResultData,
+    ResultEnvelope,
+    UnusableRecord,
+    decode_command,
+    encode_result,
+    result_id,
+    result_type,
+)
+from voucher_contracts import deadletter as dlq
+from voucher_contracts.binding import RESULT_CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("voucher_bridge")
+
+
+class CommandHandler(Protocol):
+    async def handle(self, command: CommandEnvelope, record_key: str | None) -> ResultData: ...
+
+
+@dataclass(frozen=True)
+class Topics:
+    commands: str
+    results: str
+    dead_letters: str
+
+
+class CommandPipeline:
+    def __init__(
+        self,
+        topics: Topics,
+        command_types: Collection[str],
+        handler: CommandHandler,
+        producer: RecordProducer,
+        *,
+        group_id: str,
+        max_record_bytes: int,
+        money_moving: Collection[str] = (),
+    ) -> None:
+        self._topics = topics
+        self._command_types = frozenset(command_types)
+        self._handler = handler
+        self._producer = producer
+        self._group_id = group_id
+        self._max_record_bytes = max_record_bytes
+        self._money_moving = frozenset(money_moving)
+
+    async def process(self, record: Record) -> None:
+        command: CommandEnvelope | None = None
+        unusable: UnusableRecord | None = None
+        try:
+            command = decode_command(record.headers, record.value, max_bytes=self._max_record_bytes)
+            if command.type not in self._command_types:
+                raise UnusableRecord("unknown_type", f"{command.type!r} is not a command here")
+        except UnusableRecord as exc:
+            unusable = exc
+        parent = context_from(record.headers, command.traceparent if command else None)
+        with tracer.start_as_current_span(
+            f"process {record.topic}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": record.topic,
+                "messaging.destination.partition.id": str(record.partition),
+                "messaging.kafka.offset": record.offset,
+                "messaging.consumer.group.name": self._group_id,
+            },
+        ) as span:
+            if unusable is not None or command is None:
+                assert unusable is not None
+                span.set_attribute("error.type", unusable.reason)
+                span.set_status(Status(StatusCode.ERROR, unusable.reason))
+                await self._dead_letter(record, unusable)
+                return
+            span.set_attribute("messaging.message.id", command.id)
+            span.set_attribute("cloudevents.event_type", command.type)
+            key = record.key.decode("utf-8", "replace") if record.key is not None else None
+            data = await self._handle(command, key)
+            span.set_attribute("voucher_bridge.outcome", data.outcome.value)
+            if data.reason:
+                span.set_attribute("voucher_bridge.reason", data.reason)
+            await self.publish_result(record.key, command, data)
+            log.info(
+                "%s %s from %s on %s: %s%s",
+                command.type,
+                command.id,
+                command.source,
+                command.subject,
+                data.outcome.value,
+                f" ({data.reason})" if data.reason else "",
+            )
+
+    async def _handle(self, command: CommandEnvelope, key: str | None) -> ResultData:
+        try:
+            return await self._handler.handle(command, key)
+        except Exception as exc:
+            # A bug must not stop the partition, and the sender must hear back. Whether a
+            # money-moving call went out before the failure is not known here.
+            log.exception("handling %s %s failed", command.type, command.id)
+            trace.get_current_span().record_exception(exc)
+            outcome = (
+                Outcome.INDETERMINATE if command.type in self._money_moving else Outcome.FAILED
+            )
+            return ResultData(
+                command_id=command.id,
+                command_source=command.source,
+                command_type=command.type,
+                outcome=outcome,
+                reason="internal_error",
+                message=type(exc).__name__,
+            )
+
+    async def publish_result(
+        self, key: bytes | None, command: CommandEnvelope, data: ResultData, revision: int = 0
+    ) -> ResultEnvelope:
+        envelope = ResultEnvelope(
+            id=result_id(command.source, command.id, revision),
+            type=result_type(command.type),
+            subject=command.subject,
+            time=datetime.now(UTC),
+            causationid=command.id,
+            data=data,
+        )
+        with tracer.start_as_current_span(
+            f"send {self._topics.results}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self._topics.results,
+                "messaging.message.id": envelope.id,
+            },
+        ):
+            headers = [("content-type", RESULT_CONTENT_TYPE.encode()), *trace_headers()]
+            key = key if key is not None else command.subject.encode()
+            await self._producer.send(self._topics.results, key, encode_result(envelope), headers)
+        return envelope
+
+    async def _dead_letter(self, record: Record, reason: UnusableRecord) -> None:
+        added = {
+            dlq.REASON: reason.reason,
+            dlq.DETAIL: reason.detail[:1000],
+            dlq.FAILED_AT: datetime.now(UTC).isoformat(),
+            dlq.ORIGINAL_TOPIC: record.topic,
+            dlq.ORIGINAL_PARTITION: str(record.partition),
+            dlq.ORIGINAL_OFFSET: str(record.offset),
+            dlq.ORIGINAL_TIMESTAMP: str(record.timestamp),
+            dlq.ORIGINAL_GROUP: self._group_id,
+        }
+        headers = [*record.headers, *((k, v.encode()) for k, v in added.items())]
+        await self._producer.send(self._topics.dead_letters, record.key, record.value, headers)
+        log.warning(
+            "%s[%d]@%d is not a usable command (%s): sent to %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason.reason,
+            self._topics.dead_letters,
+        )

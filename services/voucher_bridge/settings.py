@@ -1,0 +1,84 @@
+"""Settings from the environment (and a `.env` file, and a secrets directory), per design.md.
+
+Secrets are SecretStr: their repr is masked, so a logged Settings object leaks nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EpinAccount(BaseModel):
+    username: str
+    password: SecretStr
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_group_id: str = "voucher-bridge"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    pos_commands_topic: str = "pos.commands"
+    pos_results_topic: str = "pos.results"
+    coupon_commands_topic: str = "coupon.commands"
+    coupon_results_topic: str = "coupon.results"
+    # Records larger than this are not commands: they go to the dead-letter topic.
+    max_record_bytes: int = Field(default=1_048_576, gt=0)
+
+    # Processing
+    max_in_flight: int = Field(default=1000, gt=0)
+    commit_interval_ms: int = Field(default=200, ge=0)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    session_timeout_ms: int = Field(default=45_000, gt=0)
+
+    # eVOUCHER POS API
+    evoucher_base_url: str = "https://evoucher.cy"
+    evoucher_terminals: dict[str, SecretStr] = Field(default_factory=dict)
+    evoucher_connect_timeout_s: float = Field(default=5.0, gt=0)
+    evoucher_read_timeout_s: float = Field(default=15.0, gt=0)
+    # The real host is a small shop site: bound how many calls it gets at once.
+    evoucher_max_connections: int = Field(default=10, gt=0)
+
+    # Epixel Epin API
+    epin_base_url: str | None = None
+    epin_api_key: SecretStr | None = None
+    epin_accounts: dict[str, EpinAccount] = Field(default_factory=dict)
+    epin_refresh_path: str = "user/token/refresh/"
+
+    # Idempotency store
+    idempotency_store_url: str = "sqlite:///var/voucher-bridge/idempotency.sqlite3"
+
+    # Health and metrics HTTP endpoint (0 turns it off)
+    http_port: int = Field(default=8080, ge=0)
+    http_host: str = "127.0.0.1"
+
+    @property
+    def pos_dlq_topic(self) -> str:
+        return self.pos_commands_topic + ".dlq"
+
+    @property
+    def coupon_dlq_topic(self) -> str:
+        return self.coupon_commands_topic + ".dlq"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; `VOUCHER_BRIDGE_SECRETS_DIR` names a secrets directory
+    (one file per setting, as Docker and Kubernetes mount them)."""
+    secrets_dir = os.environ.get("VOUCHER_BRIDGE_SECRETS_DIR")
+    if secrets_dir:
+        return Settings(_secrets_dir=secrets_dir, **overrides)
+    return Settings(**overrides)

@@ -1,0 +1,88 @@
+"""OpenTelemetry set-up from the standard `OTEL_*` variables, and trace-context helpers.
+
+The SDK alone does not pick exporters from `OTEL_TRACES_EXPORTER` (the distro does), so this
+does it for the three that matter here: `otlp` (HTTP/protobuf, `OTEL_EXPORTER_OTLP_*`),
+`console` and `none`. With neither that variable nor an OTLP endpoint set, spans are made and
+propagated but not exported, so a laptop run does not spam connection errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+SERVICE_NAME = "voucher-bridge"
+_propagator = TraceContextTextMapPropagator()
+
+
+def configure_tracing() -> TracerProvider:
+    """Install the SDK's tracer provider once per process (OpenTelemetry allows only one)."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+    provider = TracerProvider(resource=Resource.create())
+    for exporter in _exporters():
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _exporters() -> list[SpanExporter]:
+    names = os.environ.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        has_endpoint = any(
+            os.environ.get(v)
+            for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
+        names = "otlp" if has_endpoint else "none"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip() for n in names.split(",")):
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+    return exporters
+
+
+def context_from(
+    headers: Sequence[tuple[str, bytes]], fallback_traceparent: str | None = None
+) -> Context | None:
+    """The W3C trace context of a record: its `traceparent` header, else the CloudEvents
+    distributed-tracing attribute; None when it has neither (the span becomes a root)."""
+    carrier: dict[str, str] = {}
+    for key, value in headers:
+        name = key.lower()
+        if name in ("traceparent", "tracestate"):
+            try:
+                carrier[name] = value.decode("ascii")
+            except (UnicodeDecodeError, AttributeError):
+                continue
+    if "traceparent" not in carrier and fallback_traceparent:
+        carrier["traceparent"] = fallback_traceparent
+    if "traceparent" not in carrier:
+        return None
+    context = _propagator.extract(carrier)
+    span_context = trace.get_current_span(context).get_span_context()
+    return context if span_context.is_valid else None
+
+
+def trace_headers() -> list[tuple[str, bytes]]:
+    """`traceparent` (and `tracestate`) of the current span, as Kafka headers."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return [(k, v.encode()) for k, v in carrier.items()]
+
+
+def current_trace_id() -> str | None:
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else None

@@ -1,0 +1,145 @@
+"""Shared fixtures: a real Kafka broker, the eVOUCHER sandbox, and voucher-bridge in-process."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.kafka import create_topic, ensure_kafka, unique_topic
+from voucher_bridge.app import Service
+from voucher_bridge.localstack import Process, free_port, start_sandbox
+from voucher_bridge.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    return ensure_kafka()
+
+
+class Sandbox:
+    """The eVOUCHER sandbox process and its admin API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.admin = httpx.Client(base_url=url + "/_sandbox/", timeout=10)
+
+    def add_terminal(self, store: str = "limassol-3") -> tuple[str, str]:
+        name = f"till-{uuid.uuid4().hex[:10]}"
+        token = f"tok-{uuid.uuid4().hex}"
+        self.admin.post(
+            "terminals", json=[{"token": token, "machine_name": name, "store": store}]
+        ).raise_for_status()
+        return name, token
+
+    def add_vouchers(self, *values: str, store: str = "limassol-3", **extra: Any) -> list[str]:
+        codes = [f"{uuid.uuid4().int % 10**12:012d}" for _ in values]
+        vouchers = [
+            {"code": c, "value": v, "store": store, "expires": "2099-12-31", **extra}
+            for c, v in zip(codes, values, strict=True)
+        ]
+        self.admin.post("vouchers", json=vouchers).raise_for_status()
+        return codes
+
+    def faults(self, **config: Any) -> None:
+        self.admin.post("faults", json=config).raise_for_status()
+
+    def vouchers(self, codes: list[str]) -> dict[str, dict[str, Any]]:
+        state = self.admin.get("state", params={"codes": ",".join(codes)}).json()
+        return {v["code"]: v for v in state["vouchers"]}
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    port = free_port()
+    process: Process = start_sandbox(port, tmp_path_factory.mktemp("sandbox") / "sandbox.log")
+    try:
+        yield Sandbox(f"http://127.0.0.1:{port}")
+    finally:
+        process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_faults(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "sandbox" in request.fixturenames:
+        request.getfixturevalue("sandbox").faults(
+            latency_ms=0,
+            latency_jitter_ms=0,
+            error_rate=0,
+            timeout_rate=0,
+            drop_after_apply_rate=0,
+            routes=None,
+        )
+
+
+class Stack:
+    """Topics of one test, and a way to start voucher-bridge instances on them."""
+
+    def __init__(self, bootstrap: str, sandbox: Sandbox) -> None:
+        self.bootstrap = bootstrap
+        self.sandbox = sandbox
+        self.commands = unique_topic("pos.commands")
+        self.results = self.commands.replace("commands", "results")
+        self.dlq = self.commands + ".dlq"
+        self.group = f"vb-{uuid.uuid4().hex[:8]}"
+        self.terminals: dict[str, str] = {}
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": self.bootstrap,
+            "kafka_group_id": self.group,
+            "pos_commands_topic": self.commands,
+            "pos_results_topic": self.results,
+            "evoucher_base_url": self.sandbox.url,
+            "evoucher_terminals": self.terminals,
+            "evoucher_max_connections": 50,
+            "commit_interval_ms": 50,
+            "drain_timeout_s": 20,
+            "http_port": 0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    def terminal(self, store: str = "limassol-3") -> str:
+        name, token = self.sandbox.add_terminal(store)
+        self.terminals[name] = token
+        return name
+
+    @asynccontextmanager
+    async def service(self, **overrides: Any) -> AsyncIterator[Service]:
+        service = Service(self.settings(**overrides))
+        app = service.app()
+        await app.start()
+        try:
+            yield service
+        finally:
+            await app.stop()
+
+
+@pytest.fixture
+async def stack(
+    kafka_bootstrap: str, sandbox: Sandbox
+) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
+    async def make(partitions: int = 3) -> Stack:
+        stack = Stack(kafka_bootstrap, sandbox)
+        for topic in (stack.commands, stack.results, stack.dlq):
+            await create_topic(kafka_bootstrap, topic, partitions)
+        return stack
+
+    yield make
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.kafka)
+
+
+os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
