@@ -9,7 +9,9 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from faststream import AckPolicy, FastStream
-from faststream.asgi import AsgiFastStream, make_ping_asgi
+from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
+from faststream.asgi.handlers import GetHandler
+from faststream.asgi.response import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
@@ -28,6 +30,7 @@ from voucher_bridge.settings import Settings
 from voucher_bridge.telemetry import configure_tracing
 from voucher_contracts import ResultEnvelope
 from voucher_contracts.pos import POS_COMMAND_TYPES
+from voucher_contracts.schema import command_schema
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,11 @@ class Service:
             # created here with one partition by accident.
             allow_auto_create_topics=False,
             graceful_timeout=settings.drain_timeout_s,
+            # FastStream's per-message "Received/Processed" lines would say "processed" when a
+            # record is only handed to the dispatcher; the pipeline logs the real outcome.
+            log_level=logging.DEBUG,
         )
-        subscriber = broker.subscriber(
+        subscriber = self._pos_subscriber = broker.subscriber(
             settings.pos_commands_topic,
             group_id=settings.kafka_group_id,
             # A command produced before the group's first start is still a command.
@@ -142,6 +148,21 @@ class Service:
     async def on_startup(self) -> None:
         await self.producer.start()
 
+    async def readiness(self) -> dict[str, Any]:
+        """What an orchestrator needs to know before sending traffic here."""
+        subscriber_running = bool(self._pos_subscriber.running)
+        checks = {
+            "broker": await self.broker.ping(timeout=5.0),
+            "producer": self.producer.started,
+            "consuming": subscriber_running,
+        }
+        return {
+            "ready": all(checks.values()),
+            **checks,
+            "in_flight": self.pos_dispatcher.in_flight,
+            "partitions": sorted(f"{tp.topic}[{tp.partition}]" for tp in self._assignment()),
+        }
+
     async def on_shutdown(self) -> None:
         # Before the broker stops its consumer: finish in-flight work and commit it.
         await self.pos_dispatcher.close()
@@ -149,6 +170,34 @@ class Service:
     async def after_shutdown(self) -> None:
         await self.producer.stop()
         await self.evoucher.aclose()
+
+    def _assignment(self) -> set[Any]:
+        consumer = getattr(self._pos_subscriber, "consumer", None)
+        return set(consumer.assignment()) if consumer is not None else set()
+
+    def _ready_route(self) -> GetHandler:
+        @get(include_in_schema=False)
+        async def ready(scope: Any) -> AsgiResponse:
+            report = await self.readiness()
+            return JSONResponse(report, 200 if report["ready"] else 503)
+
+        return ready
+
+    def asyncapi_document(self) -> dict[str, Any]:
+        """FastStream's AsyncAPI document, with the command payloads described as they are.
+
+        The subscriber takes raw bytes (so that a malformed record still reaches the
+        dead-letter path), so FastStream cannot see the command schema; it is filled in here.
+        """
+        document: dict[str, Any] = self.specification().to_specification().to_jsonable()
+        components = document["components"]
+        commands = f"{self.settings.pos_commands_topic}:SubscribeMessage"
+        components["schemas"].pop(f"{self.settings.pos_commands_topic}:Message:Payload", None)
+        components["schemas"]["PosCommand"] = command_schema("PosCommand", POS_COMMAND_TYPES)
+        components["messages"][commands]["payload"] = {"$ref": "#/components/schemas/PosCommand"}
+        for message in components["messages"].values():
+            message.pop("correlationId", None)  # FastStream's header; not part of this contract
+        return document
 
     def specification(self) -> AsyncAPI:
         return AsyncAPI(
@@ -173,7 +222,10 @@ class Service:
         return AsgiFastStream(
             self.broker,
             specification=self.specification(),
-            asgi_routes=[("/health", make_ping_asgi(self.broker, timeout=5.0))],
+            asgi_routes=[
+                ("/health/live", make_ping_asgi(self.broker, timeout=5.0)),
+                ("/health/ready", self._ready_route()),
+            ],
             asyncapi_path=None,
             on_startup=[self.on_startup],
             on_shutdown=[self.on_shutdown],

@@ -101,9 +101,11 @@ def start_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EVOUCHER_
     raise RuntimeError(f"sandbox did not answer on port {port}; see {log_path}")
 
 
-def start_service(env: Mapping[str, str], log_path: Path) -> Process:
+def start_service(env: Mapping[str, str], log_path: Path, http_port: int = 0) -> Process:
     return Process(
-        [sys.executable, "-m", "voucher_bridge.cli", "run", "--http-port", "0"], env, log_path
+        [sys.executable, "-m", "voucher_bridge.cli", "run", "--http-port", str(http_port)],
+        env,
+        log_path,
     )
 
 

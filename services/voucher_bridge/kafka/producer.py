@@ -28,6 +28,10 @@ class RecordProducer:
         )
         await self._producer.start()
 
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
     async def stop(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
