@@ -238,21 +238,10 @@ def test_data_base64_not_base64() -> None:
     assert unusable([CT], structured(data=None, data_base64=not_json)) == "not_json"
 
 
-@pytest.mark.xfail(
-    reason="BUG: binding._structured_attributes catches only ValueError/UnicodeDecodeError "
-    "around base64.b64decode; a non-string data_base64 raises TypeError, which escapes "
-    "decode_command (a poison record instead of a dead letter)",
-    strict=True,
-)
 def test_data_base64_not_a_string_is_unusable() -> None:
     assert unusable([CT], structured(data=None, data_base64=12345)) == "not_json"
 
 
-@pytest.mark.xfail(
-    reason="BUG: binding.decode_json callers catch ValueError only; a deeply nested JSON "
-    "value (well under max_bytes) raises RecursionError, which escapes decode_command",
-    strict=True,
-)
 def test_deeply_nested_json_is_unusable() -> None:
     assert unusable([], b"[" * 100_000) == "not_json"
 
@@ -439,7 +428,7 @@ def test_scan_needs_a_code() -> None:
 
 def test_redeem() -> None:
     assert Redeem.model_validate({"voucher_codes": ["1", "2"]}).voucher_codes == ["1", "2"]
-    for bad in (
+    bad_data: list[dict[str, Any]] = [
         {},
         {"voucher_codes": []},
         {"voucher_codes": ["1", "1"]},
@@ -447,7 +436,8 @@ def test_redeem() -> None:
         {"voucher_codes": "1;2"},
         {"voucher_codes": [1]},
         {"voucher_codes": None},
-    ):
+    ]
+    for bad in bad_data:
         with pytest.raises(ValidationError):
             Redeem.model_validate(bad)
 
@@ -469,13 +459,14 @@ def test_unknown_fields_are_ignored_and_models_are_frozen() -> None:
 
 
 def test_pos_command_types() -> None:
-    assert {
+    expected: dict[str, type[Any]] = {
         "pos.bill_total": BillTotal,
         "pos.scan": Scan,
         "pos.remove": Remove,
         "pos.redeem": Redeem,
         "pos.cancel": Cancel,
-    } == POS_COMMAND_TYPES
+    }
+    assert expected == POS_COMMAND_TYPES
 
 
 # -- results: ids, hashes, encoding ----------------------------------------------------------

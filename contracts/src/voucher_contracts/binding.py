@@ -53,8 +53,14 @@ class UnusableRecord(Exception):
 
 
 def decode_json(raw: bytes | str) -> Any:
-    """JSON with every non-integer number kept as an exact Decimal."""
-    return json.loads(raw, parse_float=Decimal)
+    """JSON with every non-integer number kept as an exact Decimal.
+
+    Raises ValueError for anything that is not JSON, including nesting too deep to decode.
+    """
+    try:
+        return json.loads(raw, parse_float=Decimal)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def header_value(headers: Headers, name: str) -> str | None:
@@ -109,6 +115,8 @@ def _structured_attributes(value: bytes | None) -> dict[str, Any]:
     if "specversion" not in event:
         raise UnusableRecord("not_a_cloudevent", "no specversion attribute")
     if "data_base64" in event and "data" not in event:
+        if not isinstance(event["data_base64"], str):
+            raise UnusableRecord("not_json", "data_base64 is not a string")
         try:
             event["data"] = decode_json(base64.b64decode(event.pop("data_base64"), validate=True))
         except (ValueError, UnicodeDecodeError) as exc:

@@ -119,8 +119,9 @@ class EvoucherClient:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise CallNotSent(f"{route}: {type(exc).__name__}") from None
-        except httpx.TransportError as exc:
-            # Read/write timeouts, dropped connections: the upstream may have acted.
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            # Read/write timeouts, dropped connections, an answer that cannot be read: the
+            # upstream may have acted.
             raise CallOutcomeUnknown(f"{route}: {type(exc).__name__}") from None
         elapsed_ms = int((time.monotonic() - started) * 1000)
         fresh = {name: value for name, value in response.cookies.items() if value}
@@ -151,7 +152,7 @@ def encode_json(body: dict[str, Any]) -> bytes:
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(response.content, parse_float=Decimal)  # a price is never a float
+    except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None

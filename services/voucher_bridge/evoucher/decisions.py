@@ -7,6 +7,7 @@ patterns below are every failure text the vendor's collection records.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from datetime import date
@@ -73,17 +74,23 @@ def decide(command_type: str, data: PosCommandData, answer: Answer) -> Decision:
     body = answer.body
     if answer.status in (401, 403):
         return Decision(Outcome.FAILED, "unauthorized", _message(body))
+    if answer.status == 429:
+        # Turned away before it was looked at: nothing happened, for any command.
+        return Decision(Outcome.FAILED, "upstream_unavailable", _message(body))
     if answer.status >= 500:
         # An error page from the shop: a redeem may or may not have gone through behind it.
         if command_type in MONEY_MOVING:
-            return Decision(Outcome.INDETERMINATE, "upstream_error", _message(body))
+            return Decision(Outcome.INDETERMINATE, "upstream_unavailable", _message(body))
         return Decision(Outcome.FAILED, "upstream_unavailable", _message(body))
-    if answer.status != 200 or body is None or body.get("success") not in (0, 1, "0", "1"):
+    success = body.get("success") if body is not None else None
+    # Only 1/0 (or "1"/"0"): True and 1.0 equal 1 but are not what the API sends.
+    if answer.status != 200 or type(success) not in (int, str) or str(success) not in ("0", "1"):
         if command_type in MONEY_MOVING and answer.status == 200:
             return Decision(Outcome.INDETERMINATE, "upstream_unrecognised", _message(body))
         return Decision(Outcome.REJECTED, "upstream_rejected", _message(body))
     message = _message(body)
-    if str(body["success"]) == "1":
+    assert body is not None
+    if str(success) == "1":
         return Decision(Outcome.SUCCEEDED, None, message, _success_details(data, body))
     return _failure(message)
 
@@ -99,7 +106,8 @@ def _failure(message: str | None) -> Decision:
         if groups.get("code"):
             details["voucher_code"] = groups["code"]
         if reason == "voucher_expired":
-            details["expires_on"] = date(int(groups["y"]), int(groups["m"]), int(groups["d"]))
+            with contextlib.suppress(ValueError):  # e.g. OpenCart's zero date 00-00-0000
+                details["expires_on"] = date(int(groups["y"]), int(groups["m"]), int(groups["d"]))
         return Decision(Outcome.REJECTED, reason, message, details)
     # Unknown failure text: nothing changed upstream (success 0), so it is a refusal; keep
     # the text so that people can read it.

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from voucher_bridge.evoucher.client import Answer, CallNotSent, CallOutcomeUnknown, EvoucherClient
+from voucher_bridge.evoucher.client import (
+    Answer,
+    CallNotSent,
+    CallOutcomeUnknown,
+    EvoucherClient,
+    Route,
+)
 from voucher_bridge.evoucher.decisions import (
     MONEY_MOVING,
     Decision,
@@ -18,7 +25,9 @@ from voucher_bridge.evoucher.decisions import (
     unanswered,
 )
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
-from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData
+from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Scan
+
+BeforeSend = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,16 @@ class PosCommandHandler:
         self._client = client
         self._retry = retry or RetryPolicy()
 
-    async def handle(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+    money_moving = MONEY_MOVING
+
+    async def handle(
+        self,
+        command: CommandEnvelope,
+        record_key: str | None,
+        before_send: BeforeSend | None = None,
+    ) -> ResultData:
+        """Validate and apply the command; `before_send` runs once, just before a call that
+        moves money first goes out (the store's recovery point)."""
         started = time.monotonic()
         data_model = POS_COMMAND_TYPES[command.type]
         try:
@@ -59,6 +77,8 @@ class PosCommandHandler:
             return _result(command, decision, UpstreamReport())
 
         route, body = request_for(terminal, data)
+        if before_send is not None and command.type in MONEY_MOVING:
+            await before_send()
         attempts, answer, may_have_reached = 0, None, False
         while True:
             attempts += 1
@@ -71,7 +91,10 @@ class PosCommandHandler:
                 # A call that moves money is never sent again once it may have arrived.
                 retryable = command.type not in MONEY_MOVING
             else:
-                retryable = answer.status >= 500 and command.type not in MONEY_MOVING
+                # 429: turned away, not applied; 5xx: a redeem may have gone through.
+                retryable = answer.status == 429 or (
+                    answer.status >= 500 and command.type not in MONEY_MOVING
+                )
                 if not retryable:
                     break
             if not retryable or attempts >= self._retry.attempts:
@@ -84,7 +107,74 @@ class PosCommandHandler:
             elapsed_ms=int((time.monotonic() - started) * 1000),
         )
         decision = _decision(command.type, data, answer, may_have_reached)
+        if decision.outcome is Outcome.INDETERMINATE and isinstance(data, Redeem):
+            decision = await self._reconcile_redeem(terminal, data, decision)
+            report = report.model_copy(
+                update={"elapsed_ms": int((time.monotonic() - started) * 1000)}
+            )
         return _result(command, decision, report)
+
+    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+        """A previous instance died after a money-moving call may have gone out: never send it
+        again; find out what happened instead."""
+        data = POS_COMMAND_TYPES[command.type].model_validate(command.data or {})
+        if not isinstance(data, Redeem):
+            return await self.handle(command, record_key)  # safe to send again
+        unknown = Decision(
+            Outcome.INDETERMINATE,
+            "upstream_unavailable",
+            "the service stopped while the redeem was under way",
+        )
+        started = time.monotonic()
+        decision = await self._reconcile_redeem(command.subject, data, unknown)
+        report = UpstreamReport(elapsed_ms=int((time.monotonic() - started) * 1000))
+        return _result(command, decision, report)
+
+    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
+        """Try again to settle an indeterminate redeem; None while it still cannot be told."""
+        data = POS_COMMAND_TYPES[command.type].model_validate(command.data or {})
+        if not isinstance(data, Redeem):
+            return None
+        unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
+        decision = await self._reconcile_redeem(command.subject, data, unknown)
+        if decision.outcome is Outcome.INDETERMINATE:
+            return None
+        return _result(command, decision, previous.upstream)
+
+    async def _reconcile_redeem(self, terminal: str, data: Redeem, unknown: Decision) -> Decision:
+        """Ask the upstream about each code with a scan (a read that is safe to repeat while
+        the codes are locked to this terminal): "already redeemed" means our redeem went
+        through; a price means the voucher is still held, unredeemed."""
+        states: dict[str, str] = {}
+        for code in data.voucher_codes:
+            try:
+                answer = await self._client.call(terminal, Route.SCAN, {"voucher_code": code})
+            except (CallNotSent, CallOutcomeUnknown):
+                return unknown
+            verdict = decide("pos.scan", Scan(voucher_code=code), answer)
+            if verdict.outcome is Outcome.SUCCEEDED:
+                states[code] = "not_redeemed"
+            elif verdict.reason == "voucher_already_redeemed":
+                states[code] = "redeemed"
+            else:
+                return unknown
+        if all(state == "redeemed" for state in states.values()):
+            return Decision(
+                Outcome.SUCCEEDED,
+                None,
+                "reconciled: every voucher is redeemed",
+                {"voucher_codes": list(data.voucher_codes), "reconciled": True},
+            )
+        if all(state == "not_redeemed" for state in states.values()):
+            return Decision(
+                Outcome.FAILED,
+                "upstream_unavailable",
+                "reconciled: no voucher was redeemed; the redeem may be sent again",
+                {"voucher_codes": list(data.voucher_codes), "reconciled": True},
+            )
+        return Decision(
+            Outcome.INDETERMINATE, unknown.reason, unknown.message, {"voucher_states": states}
+        )
 
 
 def _decision(

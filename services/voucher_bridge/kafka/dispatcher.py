@@ -85,11 +85,11 @@ class KeyOrderedDispatcher:
         """Accept a record for processing. Never waits: when `max_in_flight` records are in
         flight it pauses fetching instead, so the consume loop keeps polling (a blocked handler
         would breach `max_poll_interval_ms` and lose the group membership)."""
+        if self._closing:
+            return  # not accepted, so not committed: the next consumer reads it again
         self._consumer = consumer
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_loop(), name="offset-committer")
-        if self._closing:
-            return  # not accepted, so not committed: the next consumer reads it again
         tp = TopicPartition(record.topic, record.partition)
         partition = self._partitions.get(tp)
         if partition is None:
@@ -190,6 +190,7 @@ class KeyOrderedDispatcher:
             # The offsets stay uncommitted and are tried again with the next commit; if the
             # group moved the partition, its next owner re-reads them (the store dedupes).
             log.warning("offset commit failed (%s): %s", type(exc).__name__, offsets)
+            self._commit_wanted.set()  # try again after the interval, even if nothing else ends
             return
         for tp, position in offsets.items():
             partition = self._partitions.get(tp)

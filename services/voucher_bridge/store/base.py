@@ -1,0 +1,128 @@
+"""The durable record of every command, keyed by its CloudEvents (source, id).
+
+A command's record moves through three states, in the manner of Stripe's idempotency keys with
+recovery points (shared/research/anchors.md §4):
+
+    received ──(a money-moving call is about to go out)──▶ sent ──▶ done
+        └──────────────────────────────────────────────────────────────▲
+
+`received`: claimed, nothing sent that cannot be sent again. `sent`: the upstream may have
+acted, so a crash here means reconciling, never resending. `done`: the result is stored and is
+what every redelivery publishes again.
+
+A claim belongs to an instance of the service; an instance is alive while its heartbeat is
+fresh. A claim of a dead instance is taken over; a claim of a live one is waited for, so two
+copies of a command in flight (a rebalance, a duplicate on another partition) make one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class State(StrEnum):
+    RECEIVED = "received"
+    SENT = "sent"
+    DONE = "done"
+
+
+class ClaimKind(StrEnum):
+    NEW = "new"  # first time: go ahead
+    RESUME = "resume"  # claimed by a dead instance: go on from `previous`
+    DONE = "done"  # answered before: publish the stored result again
+    CONFLICT = "conflict"  # same key, different content
+    BUSY = "busy"  # a live instance holds it: wait
+
+
+@dataclass(frozen=True)
+class Claim:
+    kind: ClaimKind
+    token: str | None = None  # proves ownership to mark_sent/complete
+    previous: State | None = None  # for RESUME: where the dead instance got to
+    sent_at: float | None = None  # for RESUME from SENT: when the call went out
+    result: str | None = None  # for DONE: the stored result (ResultData JSON)
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class CommandKey:
+    source: str
+    id: str
+
+
+@dataclass(frozen=True)
+class NewCommand:
+    key: CommandKey
+    content_hash: str
+    type: str
+    subject: str
+    envelope: str  # the command as JSON, so a completer can act on it later
+    record_key: bytes | None
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A done command whose outcome is indeterminate and may still be settled."""
+
+    key: CommandKey
+    envelope: str
+    record_key: bytes | None
+    result: str
+    revision: int
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
+class StoredCommand:
+    content_hash: str
+    state: State
+    sent_at: float | None
+    result: str | None
+    revision: int
+    owner_heartbeat_at: float | None  # None: the owner retired or never was
+
+
+def decide_claim(
+    stored: StoredCommand, content_hash: str, token: str, stale_before: float
+) -> Claim:
+    """What a command already in the store means for a copy of it that arrives now."""
+    if stored.content_hash != content_hash:
+        return Claim(ClaimKind.CONFLICT)
+    if stored.state is State.DONE:
+        return Claim(ClaimKind.DONE, result=stored.result, revision=stored.revision)
+    if stored.owner_heartbeat_at is not None and stored.owner_heartbeat_at >= stale_before:
+        return Claim(ClaimKind.BUSY)  # its owner is alive (possibly this very instance)
+    return Claim(ClaimKind.RESUME, token=token, previous=stored.state, sent_at=stored.sent_at)
+
+
+class LostClaim(Exception):
+    """The claim was taken over by another instance (this one was thought dead)."""
+
+
+class CommandStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def heartbeat(self, instance: str, now: float) -> None: ...
+    async def retire(self, instance: str) -> None: ...
+
+    async def claim(
+        self, command: NewCommand, instance: str, now: float, stale_before: float
+    ) -> Claim: ...
+    async def mark_sent(self, key: CommandKey, token: str, now: float) -> None: ...
+    async def complete(
+        self, key: CommandKey, token: str, result: str, unsettled: bool, now: float
+    ) -> None: ...
+
+    async def unsettled(self, limit: int) -> list[Unsettled]: ...
+    async def settle(
+        self, key: CommandKey, revision: int, result: str, unsettled: bool, now: float
+    ) -> bool: ...
+
+    async def purge(self, before: float, limit: int) -> int: ...
+    async def count(self) -> int: ...
+
+    async def load_session(self, terminal: str) -> dict[str, str]: ...
+    async def save_session(self, terminal: str, cookies: dict[str, str], now: float) -> None: ...

@@ -1,0 +1,232 @@
+"""The embedded store: one SQLite file, for a single instance of the service.
+
+The standard library's sqlite3 in one dedicated thread (every call is a short transaction, so
+serialising them costs little and keeps SQLite's single-writer rule trivially true).
+WAL with `synchronous=FULL`: a committed claim or result survives a crash of the process and of
+the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from voucher_bridge.store.base import (
+    Claim,
+    ClaimKind,
+    CommandKey,
+    LostClaim,
+    NewCommand,
+    State,
+    StoredCommand,
+    Unsettled,
+    decide_claim,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    record_key BLOB,
+    state TEXT NOT NULL,
+    owner TEXT,
+    token TEXT,
+    sent_at REAL,
+    result TEXT,
+    revision INTEGER NOT NULL DEFAULT 0,
+    unsettled INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, id)
+);
+CREATE INDEX IF NOT EXISTS commands_unsettled ON commands (unsettled) WHERE unsettled = 1;
+CREATE INDEX IF NOT EXISTS commands_done_at ON commands (updated_at) WHERE state = 'done';
+CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS terminal_sessions (
+    terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at REAL NOT NULL
+);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None, "store not opened"
+            with self._db:  # one transaction: commit on success, roll back on error
+                return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.executescript(SCHEMA)
+            db.isolation_level = "IMMEDIATE"  # write lock up front: claims never interleave
+            self._db = db
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
+        self._executor.shutdown(wait=True)
+
+    async def heartbeat(self, instance: str, now: float) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO instances (id, heartbeat_at) VALUES (?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (instance, now),
+            )
+        )
+
+    async def retire(self, instance: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM instances WHERE id = ?", (instance,)))
+
+    async def claim(
+        self, command: NewCommand, instance: str, now: float, stale_before: float
+    ) -> Claim:
+        def claim(db: sqlite3.Connection) -> Claim:
+            key = command.key
+            row = db.execute(
+                "SELECT content_hash, state, owner, sent_at, result, revision, "
+                "(SELECT heartbeat_at FROM instances WHERE id = commands.owner) "
+                "FROM commands WHERE source = ? AND id = ?",
+                (key.source, key.id),
+            ).fetchone()
+            token = uuid.uuid4().hex
+            if row is None:
+                db.execute(
+                    "INSERT INTO commands (source, id, content_hash, type, subject, envelope, "
+                    "record_key, state, owner, token, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)",
+                    (
+                        key.source,
+                        key.id,
+                        command.content_hash,
+                        command.type,
+                        command.subject,
+                        command.envelope,
+                        command.record_key,
+                        instance,
+                        token,
+                        now,
+                        now,
+                    ),
+                )
+                return Claim(ClaimKind.NEW, token=token)
+            stored = StoredCommand(row[0], State(row[1]), row[3], row[4], row[5], row[6])
+            claim = decide_claim(stored, command.content_hash, token, stale_before)
+            if claim.kind is ClaimKind.RESUME:
+                db.execute(
+                    "UPDATE commands SET owner = ?, token = ?, updated_at = ? "
+                    "WHERE source = ? AND id = ?",
+                    (instance, token, now, key.source, key.id),
+                )
+            return claim
+
+        return await self._run(claim)
+
+    async def mark_sent(self, key: CommandKey, token: str, now: float) -> None:
+        def mark(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET state = 'sent', sent_at = ?, updated_at = ? "
+                "WHERE source = ? AND id = ? AND token = ?",
+                (now, now, key.source, key.id, token),
+            ).rowcount
+
+        if await self._run(mark) != 1:
+            raise LostClaim(f"{key}")
+
+    async def complete(
+        self, key: CommandKey, token: str, result: str, unsettled: bool, now: float
+    ) -> None:
+        def complete(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET state = 'done', result = ?, unsettled = ?, owner = NULL, "
+                "token = NULL, updated_at = ? WHERE source = ? AND id = ? AND token = ?",
+                (result, int(unsettled), now, key.source, key.id, token),
+            ).rowcount
+
+        if await self._run(complete) != 1:
+            raise LostClaim(f"{key}")
+
+    async def unsettled(self, limit: int) -> list[Unsettled]:
+        def select(db: sqlite3.Connection) -> list[Unsettled]:
+            rows = db.execute(
+                "SELECT source, id, envelope, record_key, result, revision, sent_at "
+                "FROM commands WHERE unsettled = 1 AND state = 'done' LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [Unsettled(CommandKey(r[0], r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+        return await self._run(select)
+
+    async def settle(
+        self, key: CommandKey, revision: int, result: str, unsettled: bool, now: float
+    ) -> bool:
+        def settle(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET result = ?, revision = revision + 1, unsettled = ?, "
+                "updated_at = ? WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
+                (result, int(unsettled), now, key.source, key.id, revision),
+            ).rowcount
+
+        return bool(await self._run(settle))
+
+    async def purge(self, before: float, limit: int) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands "
+                "WHERE state = 'done' AND unsettled = 0 AND updated_at < ? LIMIT ?)",
+                (before, limit),
+            ).rowcount
+
+        return await self._run(purge)
+
+    async def count(self) -> int:
+        return await self._run(lambda db: db.execute("SELECT count(*) FROM commands").fetchone()[0])
+
+    async def load_session(self, terminal: str) -> dict[str, str]:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT cookies FROM terminal_sessions WHERE terminal = ?", (terminal,)
+            ).fetchone()
+        )
+        return dict(json.loads(row[0])) if row else {}
+
+    async def save_session(self, terminal: str, cookies: dict[str, str], now: float) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO terminal_sessions (terminal, cookies, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (terminal) DO UPDATE SET cookies = excluded.cookies, "
+                "updated_at = excluded.updated_at",
+                (terminal, json.dumps(cookies), now),
+            )
+        )
