@@ -172,6 +172,9 @@ running_pid() {
   printf '%s\n' "$pid"
 }
 
+# The port our running postmaster was started with (line 4 of postmaster.pid).
+running_port() { sed -n 4p "$DATA/postmaster.pid" 2>/dev/null; }
+
 port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$PG_PORT" 2>/dev/null; }
 
 # pg_isready: 0 accepting, 1 rejecting (starting up / shutting down), 2 no answer.
@@ -191,10 +194,13 @@ ensure_database() {
   fi
 }
 
+# Byte offset of server.log where this run's output starts (set by start_server).
+LOG_OFFSET=0
+
 show_log() {
   [[ -s "$SERVER_LOG" ]] || return 0
   printf -- '--- last lines of %s ---\n' "$SERVER_LOG" >&2
-  tail -n 30 "$SERVER_LOG" >&2
+  tail -c "+$((LOG_OFFSET + 1))" "$SERVER_LOG" | tail -n 30 >&2
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +241,7 @@ start_server() {
   local sockets opts
   sockets="$(socket_dirs)"
   [[ -z "$sockets" ]] || as_pg mkdir -p "$SOCK_DIR"
+  [[ -f "$SERVER_LOG" ]] && LOG_OFFSET="$(stat -c %s "$SERVER_LOG")"
   # fsync/synchronous_commit/full_page_writes off: fast, and fine for a throwaway test server;
   # a crash of the machine (not of postgres) can corrupt the cluster (then: pg.sh reset).
   opts="-p $PG_PORT -k '$sockets' -c listen_addresses=$HOST"
@@ -249,8 +256,10 @@ start_server() {
     || { show_log; die "pg_ctl start failed"; }
 }
 
+# Waits until the server accepts connections; $1 = "stop" stops it on timeout (only for a
+# server this run started).
 wait_ready() {
-  local deadline=$((SECONDS + PG_START_TIMEOUT)) gone_since=""
+  local on_timeout="${1:-}" deadline=$((SECONDS + PG_START_TIMEOUT)) gone_since=""
   while :; do
     ready && return 0
     if running_pid >/dev/null; then
@@ -266,8 +275,11 @@ wait_ready() {
     fi
     if ((SECONDS >= deadline)); then
       show_log
-      stop_server
-      die "the server did not accept connections on $HOST:$PG_PORT within ${PG_START_TIMEOUT} s; stopped it"
+      if [[ "$on_timeout" == stop ]]; then
+        stop_server
+        die "the server did not accept connections on $HOST:$PG_PORT within ${PG_START_TIMEOUT} s; stopped it"
+      fi
+      die "the server did not accept connections on $HOST:$PG_PORT within ${PG_START_TIMEOUT} s"
     fi
     sleep 0.2
   done
@@ -285,9 +297,13 @@ stop_server() {
 # commands
 
 cmd_up() {
-  local start=$SECONDS pid
+  local start=$SECONDS pid port
   resolve_bindir
   if pid="$(running_pid)"; then
+    port="$(running_port)"
+    if [[ "$port" != "$PG_PORT" ]]; then
+      die "the server of $DATA already runs on port $port (pid $pid); use PG_PORT=$port, or pg.sh down first"
+    fi
     log "server already started by pg.sh (pid $pid); checking that it accepts connections"
     wait_ready
     ensure_database
@@ -309,7 +325,7 @@ cmd_up() {
   prepare_os_user
   init_cluster
   start_server
-  wait_ready
+  wait_ready stop
   pid="$(running_pid)" || pid="?"
   ensure_database
   log "PostgreSQL $(server_version) ready on $HOST:$PG_PORT (pid $pid) after $((SECONDS - start)) s"
@@ -335,7 +351,9 @@ cmd_down() {
 cmd_status() {
   local pid
   if pid="$(running_pid)"; then
-    if port_open; then
+    if [[ "$(running_port)" != "$PG_PORT" ]]; then
+      echo "running on another port: pid $pid, port $(running_port) (PG_PORT is $PG_PORT)"
+    elif port_open; then
       echo "running: pid $pid, $URL"
     else
       echo "starting (or unhealthy): pid $pid, $HOST:$PG_PORT not open yet"

@@ -475,9 +475,11 @@ async def test_same_key_records_count_towards_max_in_flight(
 # -- revocation ----------------------------------------------------------------------------------
 
 
-async def test_drain_keeps_only_the_running_head_of_each_lane(
+async def test_drain_finishes_what_lies_below_a_finished_record(
     setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
 ) -> None:
+    """5 finished while 0 and 3 run: 1, 2 and 4 must finish too, or 5 would be answered but
+    never committed (and answered again by the next owner)."""
     dispatcher, processor = setup()
     consumer = FakeConsumer(TP0, TP1)
     consumer.check = prefix_checker(processor)
@@ -503,30 +505,36 @@ async def test_drain_keeps_only_the_running_head_of_each_lane(
     drain = asyncio.create_task(dispatcher.drain([TP0]))
     await settle()
     assert not drain.done()  # waits for the running heads
-    # Queued records behind the heads are given up at once: 1, 2 and 4 go to the next owner.
-    assert dispatcher.in_flight == 4
+    assert dispatcher.in_flight == 7  # nothing of TP0 given up: all of it lies below 5
     # A record of the revoked partition fetched late is not taken.
     await submit_all(dispatcher, consumer, [rec(6, "d")])
-    assert dispatcher.in_flight == 4
+    assert dispatcher.in_flight == 7
 
     head_a.set()
     head_b.set()
     await asyncio.wait_for(drain, 1)
-    assert sorted(processor.done_offsets(0)) == [0, 3, 5]
-    # Finished 0, 3 and 5, but 1 is not: the partition is committed up to 1, no further.
-    assert consumer.committed(TP0) == 1
-    assert max(consumer.all_committed(TP0)) == 1
-    assert dispatcher.in_flight == 2
-
-    # The other partition goes on as before.
+    assert sorted(processor.done_offsets(0)) == [0, 1, 2, 3, 4, 5]
+    assert consumer.committed(TP0) == 6
     other.set()
-    await wait_until(lambda: consumer.committed(TP1) == 2)
-    assert processor.done_offsets(1) == [0, 1]
 
-    # The partition is forgotten: when it comes back, the left records are read again.
-    await submit_all(dispatcher, consumer, [rec(1, "a"), rec(2, "a"), rec(4, "b"), rec(6, "d")])
-    await wait_until(lambda: consumer.committed(TP0) == 7)
-    assert sorted(processor.done_offsets(0)) == [0, 1, 2, 3, 4, 5, 6]
+
+async def test_drain_gives_up_queued_records_above_everything_running(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    dispatcher, processor = setup()
+    consumer = FakeConsumer(TP0)
+    consumer.check = prefix_checker(processor)
+    head_a, head_b = processor.gate(0), processor.gate(1)
+    await submit_all(dispatcher, consumer, [rec(0, "a"), rec(1, "b"), rec(4, "a"), rec(5, "a")])
+    await settle()
+    drain = asyncio.create_task(dispatcher.drain([TP0]))
+    await settle()
+    assert dispatcher.in_flight == 2  # 4 and 5 go to the next owner
+    head_a.set()
+    head_b.set()
+    await asyncio.wait_for(drain, 1)
+    assert sorted(processor.done_offsets(0)) == [0, 1]
+    assert consumer.committed(TP0) == 4  # offsets 2 and 3 do not exist; 4 is next to read
 
 
 async def test_drain_of_an_idle_or_unknown_partition(

@@ -9,8 +9,9 @@ Confluent Parallel Consumer's KEY mode:
 - records of different keys run concurrently, up to `max_in_flight` records in all; beyond
   that, fetching is paused until half of them are done (back-pressure);
 - an offset is committed only when it and every earlier offset of its partition are finished;
-- on revocation, the partition's running records finish (bounded), its finished offsets are
-  committed, and what was queued behind them is left for the next owner;
+- on revocation, the partition's running records (and any queued below the highest of them)
+  finish, bounded in time; its finished offsets are committed, and what was queued above them
+  is left for the next owner;
 - on shutdown, the same for every partition.
 
 A record is finished only when `process` returns; `process` is expected to handle every
@@ -24,9 +25,8 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -76,6 +76,7 @@ class KeyOrderedDispatcher:
         self._paused = False
         self._closing = False
         self._commit_wanted = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
         self._committer: asyncio.Task[None] | None = None
         self.listener = _DrainOnRevoke(self)
 
@@ -171,31 +172,37 @@ class KeyOrderedDispatcher:
             # Batch the commits of records finishing close together into one request.
             await asyncio.sleep(self._commit_interval_s)
 
-    async def commit(self, tps: Any) -> None:
-        """Commit the finished prefix of each partition in `tps` that has something new."""
+    async def commit(self, tps: Iterable[TopicPartition]) -> None:
+        """Commit the finished prefix of each partition in `tps` that has something new.
+
+        Commits are serialised: were two to run at once (the committer and a drain), the
+        older position could reach the group after the newer one and move it back.
+        """
         consumer = self._consumer
         if consumer is None:
             return
-        offsets: dict[TopicPartition, int] = {}
-        for tp in tps:
-            partition = self._partitions.get(tp)
-            position = partition.offsets.committable() if partition else None
-            if position is not None:
-                offsets[tp] = position
-        if not offsets:
-            return
-        try:
-            await asyncio.wait_for(consumer.commit(offsets), self._commit_timeout_s)
-        except (KafkaError, TimeoutError) as exc:
-            # The offsets stay uncommitted and are tried again with the next commit; if the
-            # group moved the partition, its next owner re-reads them (the store dedupes).
-            log.warning("offset commit failed (%s): %s", type(exc).__name__, offsets)
-            self._commit_wanted.set()  # try again after the interval, even if nothing else ends
-            return
-        for tp, position in offsets.items():
-            partition = self._partitions.get(tp)
-            if partition is not None:
-                partition.offsets.committed = position
+        wanted = list(tps)
+        async with self._commit_lock:
+            offsets: dict[TopicPartition, int] = {}
+            for tp in wanted:
+                partition = self._partitions.get(tp)
+                position = partition.offsets.committable() if partition else None
+                if position is not None:
+                    offsets[tp] = position
+            if not offsets:
+                return
+            try:
+                await asyncio.wait_for(consumer.commit(offsets), self._commit_timeout_s)
+            except (KafkaError, TimeoutError) as exc:
+                # The offsets stay uncommitted and are tried again; if the group moved the
+                # partition, its next owner re-reads them (the store answers them again).
+                log.warning("offset commit failed (%s): %s", type(exc).__name__, offsets)
+                self._commit_wanted.set()  # try again after the interval
+                return
+            for tp, position in offsets.items():
+                partition = self._partitions.get(tp)
+                if partition is not None:
+                    partition.offsets.committed = position
 
     # -- revocation and shutdown --------------------------------------------------------------
 
@@ -204,14 +211,7 @@ class KeyOrderedDispatcher:
         partitions = [(tp, p) for tp in tps if (p := self._partitions.get(tp)) is not None]
         for _, partition in partitions:
             partition.revoked = True
-            for lane in partition.lanes.values():
-                # Keep only the record being processed; the rest go to the next owner.
-                queued = len(lane.records) - 1
-                if queued > 0:
-                    head = lane.records.popleft()
-                    lane.records.clear()
-                    lane.records.append(head)
-                    self._release(queued)
+            self._drop_queued_above_running(partition)
         waits = [p.idle.wait() for _, p in partitions if p.lanes]
         if waits:
             try:
@@ -226,6 +226,24 @@ class KeyOrderedDispatcher:
         await self.commit(tp for tp, _ in partitions)
         for tp, _ in partitions:
             self._partitions.pop(tp, None)
+
+    def _drop_queued_above_running(self, partition: _Partition) -> None:
+        """Leave for the next owner what has not started, but only above the highest record
+        running or finished: every record below that must finish too, or a finished record
+        would sit above an unfinished one, answered but uncommittable, and be answered again."""
+        if not partition.lanes:
+            return
+        keep_up_to = max(lane.records[0].offset for lane in partition.lanes.values())
+        finished = partition.offsets.highest_finished_ahead()
+        if finished is not None:
+            keep_up_to = max(keep_up_to, finished)
+        for lane in partition.lanes.values():
+            dropped = 0
+            while len(lane.records) > 1 and lane.records[-1].offset > keep_up_to:
+                lane.records.pop()
+                dropped += 1
+            if dropped:
+                self._release(dropped)
 
     async def close(self) -> None:
         """Stop accepting, finish what runs (bounded), commit it. Call before the consumer stops."""

@@ -36,6 +36,10 @@ class PartitionOffsets:
         else:
             self._done.add(offset)
 
+    def highest_finished_ahead(self) -> int | None:
+        """The highest offset finished while an earlier one is not (None if there is none)."""
+        return max(self._done) if self._done else None
+
     @property
     def in_flight(self) -> int:
         return len(self._pending) - len(self._done)
