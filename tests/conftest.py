@@ -82,9 +82,10 @@ def _no_faults(request: pytest.FixtureRequest) -> Iterator[None]:
 class Stack:
     """Topics of one test, and a way to start voucher-bridge instances on them."""
 
-    def __init__(self, bootstrap: str, sandbox: Sandbox) -> None:
+    def __init__(self, bootstrap: str, sandbox: Sandbox, store_url: str) -> None:
         self.bootstrap = bootstrap
         self.sandbox = sandbox
+        self.store_url = store_url
         self.commands = unique_topic("pos.commands")
         self.results = self.commands.replace("commands", "results")
         self.dlq = self.commands + ".dlq"
@@ -103,6 +104,10 @@ class Stack:
             "commit_interval_ms": 50,
             "drain_timeout_s": 20,
             "http_port": 0,
+            "idempotency_store_url": self.store_url,
+            "instance_heartbeat_s": 0.5,
+            "instance_stale_after_s": 3.0,
+            "settle_interval_s": 0.5,
         }
         values.update(overrides)
         return Settings(**values)
@@ -123,12 +128,30 @@ class Stack:
             await app.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    from tests.support.postgres import ensure_postgres
+
+    return ensure_postgres()
+
+
+@pytest.fixture(params=["sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty idempotency store. Tests that must hold on both stores parametrize
+    this fixture indirectly with ["sqlite", "postgres"]."""
+    if request.param == "postgres":
+        from tests.support.postgres import fresh_database
+
+        return fresh_database(request.getfixturevalue("postgres_server"))
+    return f"sqlite:///{tmp_path / 'store.sqlite3'}"
+
+
 @pytest.fixture
 async def stack(
-    kafka_bootstrap: str, sandbox: Sandbox
+    kafka_bootstrap: str, sandbox: Sandbox, store_url: str
 ) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
     async def make(partitions: int = 3) -> Stack:
-        stack = Stack(kafka_bootstrap, sandbox)
+        stack = Stack(kafka_bootstrap, sandbox, store_url)
         for topic in (stack.commands, stack.results, stack.dlq):
             await create_topic(kafka_bootstrap, topic, partitions)
         return stack

@@ -19,16 +19,17 @@ from faststream.specification import AsyncAPI
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
 from voucher_bridge import __version__
-from voucher_bridge.evoucher.client import EvoucherClient, InMemorySessions
-from voucher_bridge.evoucher.decisions import MONEY_MOVING
-from voucher_bridge.evoucher.handler import PosCommandHandler
+from voucher_bridge.evoucher.client import EvoucherClient
+from voucher_bridge.evoucher.handler import PosCommandHandler, RetryPolicy
 from voucher_bridge.kafka.connection import connection_args, faststream_security
 from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
 from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
 from voucher_bridge.kafka.producer import RecordProducer
+from voucher_bridge.once import Answered, ExactlyOnce, Timing
 from voucher_bridge.settings import Settings
+from voucher_bridge.store import StoreSessions, open_store
 from voucher_bridge.telemetry import configure_tracing
-from voucher_contracts import ResultEnvelope
+from voucher_contracts import CommandEnvelope, ResultEnvelope
 from voucher_contracts.pos import POS_COMMAND_TYPES
 from voucher_contracts.schema import command_schema
 
@@ -71,23 +72,39 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.producer = RecordProducer(**connection_args(settings))
+        self.store = open_store(settings.idempotency_store_url)
         self.evoucher = EvoucherClient(
             settings.evoucher_base_url,
             settings.evoucher_terminals,
-            InMemorySessions(),
+            StoreSessions(self.store),
             connect_timeout_s=settings.evoucher_connect_timeout_s,
             read_timeout_s=settings.evoucher_read_timeout_s,
             max_connections=settings.evoucher_max_connections,
         )
         HTTPXClientInstrumentor().instrument_client(self.evoucher._http)
+        retry = RetryPolicy(
+            attempts=settings.upstream_retry_attempts,
+            base_delay_s=settings.upstream_retry_base_delay_s,
+            max_delay_s=settings.upstream_retry_max_delay_s,
+        )
+        self.pos_once = ExactlyOnce(
+            self.store,
+            PosCommandHandler(self.evoucher, retry),
+            Timing(
+                heartbeat_interval_s=settings.instance_heartbeat_s,
+                stale_after_s=settings.instance_stale_after_s,
+                settle_interval_s=settings.settle_interval_s,
+                settle_window_s=settings.settle_window_s,
+                retention_s=settings.idempotency_retention_s,
+            ),
+        )
         self.pos_pipeline = CommandPipeline(
             Topics(settings.pos_commands_topic, settings.pos_results_topic, settings.pos_dlq_topic),
             POS_COMMAND_TYPES,
-            PosCommandHandler(self.evoucher),
+            self.pos_once,
             self.producer,
             group_id=settings.kafka_group_id,
             max_record_bytes=settings.max_record_bytes,
-            money_moving=MONEY_MOVING,
         )
         self.pos_dispatcher = KeyOrderedDispatcher(
             self.pos_pipeline.process,
@@ -147,6 +164,12 @@ class Service:
 
     async def on_startup(self) -> None:
         await self.producer.start()
+        await self.pos_once.start(self._publish_superseding)
+
+    async def _publish_superseding(
+        self, record_key: bytes | None, command: CommandEnvelope, answered: Answered
+    ) -> None:
+        await self.pos_pipeline.publish_result(record_key, command, answered)
 
     async def readiness(self) -> dict[str, Any]:
         """What an orchestrator needs to know before sending traffic here."""
@@ -168,6 +191,7 @@ class Service:
         await self.pos_dispatcher.close()
 
     async def after_shutdown(self) -> None:
+        await self.pos_once.stop()
         await self.producer.stop()
         await self.evoucher.aclose()
 

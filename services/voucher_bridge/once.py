@@ -172,11 +172,8 @@ class ExactlyOnce:
             async def before_send(token: str = token) -> None:
                 await self.store.mark_sent(key, token, self._clock())
 
-            if claim.kind is ClaimKind.RESUME and claim.previous is State.SENT:
-                log.warning("%s %s: resuming after a crash mid-call", command.type, command.id)
-                data = await self._handler.recover(command, text_key)
-            else:
-                data = await self._handler.handle(command, text_key, before_send)
+            resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
+            data = await self._act(command, text_key, before_send, resuming_sent)
             unsettled = (
                 data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
             )
@@ -190,6 +187,40 @@ class ExactlyOnce:
                 log.warning("%s %s: claim lost to another instance", command.type, command.id)
                 continue
             return Answered(data, result_id(key.source, key.id))
+
+    async def _act(
+        self,
+        command: CommandEnvelope,
+        text_key: str | None,
+        before_send: BeforeSend,
+        resuming_sent: bool,
+    ) -> ResultData:
+        sent = resuming_sent
+
+        async def mark_and_note() -> None:
+            nonlocal sent
+            await before_send()
+            sent = True
+
+        try:
+            if resuming_sent:
+                log.warning("%s %s: resuming after a crash mid-call", command.type, command.id)
+                return await self._handler.recover(command, text_key)
+            return await self._handler.handle(command, text_key, mark_and_note)
+        except LostClaim:
+            raise
+        except Exception as exc:
+            # A bug must not stop the partition, and the sender must hear back. Whether a
+            # money-moving call went out is known: it had if the recovery point was passed.
+            log.exception("handling %s %s failed", command.type, command.id)
+            return ResultData(
+                command_id=command.id,
+                command_source=command.source,
+                command_type=command.type,
+                outcome=Outcome.INDETERMINATE if sent else Outcome.FAILED,
+                reason="internal_error",
+                message=type(exc).__name__,
+            )
 
     # -- background ---------------------------------------------------------------------------
 

@@ -59,8 +59,23 @@ class Settings(BaseSettings):
     epin_accounts: dict[str, EpinAccount] = Field(default_factory=dict)
     epin_refresh_path: str = "user/token/refresh/"
 
+    # Retries of calls that are safe to repeat (a redeem is never resent once it may have
+    # arrived): attempts in all, exponential backoff with full jitter.
+    upstream_retry_attempts: int = Field(default=3, ge=1)
+    upstream_retry_base_delay_s: float = Field(default=0.2, ge=0)
+    upstream_retry_max_delay_s: float = Field(default=5.0, ge=0)
+
     # Idempotency store
     idempotency_store_url: str = "sqlite:///var/voucher-bridge/idempotency.sqlite3"
+    idempotency_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    # How often this instance says it is alive, and after how long without that another
+    # instance takes over its unfinished commands.
+    instance_heartbeat_s: float = Field(default=2.0, gt=0)
+    instance_stale_after_s: float = Field(default=15.0, gt=0)
+    # How often indeterminate redeems are looked at again, and for how long after the call
+    # (the upstream locks a scanned voucher to its terminal for 5 minutes).
+    settle_interval_s: float = Field(default=5.0, gt=0)
+    settle_window_s: float = Field(default=240.0, ge=0)
 
     # Health and metrics HTTP endpoint (0 turns it off)
     http_port: int = Field(default=8080, ge=0)

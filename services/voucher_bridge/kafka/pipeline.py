@@ -13,16 +13,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from voucher_bridge.kafka.producer import RecordProducer
 from voucher_bridge.kafka.records import Record
+from voucher_bridge.once import Answered
 from voucher_bridge.telemetry import context_from, trace_headers
 from voucher_contracts import (
     CommandEnvelope,
-    Outcome,
-    ResultData,
     ResultEnvelope,
     UnusableRecord,
     decode_command,
     encode_result,
-    result_id,
     result_type,
 )
 from voucher_contracts import deadletter as dlq
@@ -32,8 +30,10 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("voucher_bridge")
 
 
-class CommandHandler(Protocol):
-    async def handle(self, command: CommandEnvelope, record_key: str | None) -> ResultData: ...
+class Executor(Protocol):
+    """Turns a command into its answer, at most once upstream (see `once.ExactlyOnce`)."""
+
+    async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered: ...
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,18 @@ class CommandPipeline:
         self,
         topics: Topics,
         command_types: Collection[str],
-        handler: CommandHandler,
+        executor: Executor,
         producer: RecordProducer,
         *,
         group_id: str,
         max_record_bytes: int,
-        money_moving: Collection[str] = (),
     ) -> None:
         self._topics = topics
         self._command_types = frozenset(command_types)
-        self._handler = handler
+        self._executor = executor
         self._producer = producer
         self._group_id = group_id
         self._max_record_bytes = max_record_bytes
-        self._money_moving = frozenset(money_moving)
 
     async def process(self, record: Record) -> None:
         command: CommandEnvelope | None = None
@@ -94,12 +92,12 @@ class CommandPipeline:
                 return
             span.set_attribute("messaging.message.id", command.id)
             span.set_attribute("cloudevents.event_type", command.type)
-            key = record.key.decode("utf-8", "replace") if record.key is not None else None
-            data = await self._handle(command, key)
+            answered = await self._executor.execute(command, record.key)
+            data = answered.data
             span.set_attribute("voucher_bridge.outcome", data.outcome.value)
             if data.reason:
                 span.set_attribute("voucher_bridge.reason", data.reason)
-            await self.publish_result(record.key, command, data)
+            await self.publish_result(record.key, command, answered)
             log.info(
                 "%s %s from %s on %s: %s%s",
                 command.type,
@@ -110,36 +108,16 @@ class CommandPipeline:
                 f" ({data.reason})" if data.reason else "",
             )
 
-    async def _handle(self, command: CommandEnvelope, key: str | None) -> ResultData:
-        try:
-            return await self._handler.handle(command, key)
-        except Exception as exc:
-            # A bug must not stop the partition, and the sender must hear back. Whether a
-            # money-moving call went out before the failure is not known here.
-            log.exception("handling %s %s failed", command.type, command.id)
-            trace.get_current_span().record_exception(exc)
-            outcome = (
-                Outcome.INDETERMINATE if command.type in self._money_moving else Outcome.FAILED
-            )
-            return ResultData(
-                command_id=command.id,
-                command_source=command.source,
-                command_type=command.type,
-                outcome=outcome,
-                reason="internal_error",
-                message=type(exc).__name__,
-            )
-
     async def publish_result(
-        self, key: bytes | None, command: CommandEnvelope, data: ResultData, revision: int = 0
+        self, key: bytes | None, command: CommandEnvelope, answered: Answered
     ) -> ResultEnvelope:
         envelope = ResultEnvelope(
-            id=result_id(command.source, command.id, revision),
+            id=answered.result_id,
             type=result_type(command.type),
             subject=command.subject,
             time=datetime.now(UTC),
             causationid=command.id,
-            data=data,
+            data=answered.data,
         )
         with tracer.start_as_current_span(
             f"send {self._topics.results}",

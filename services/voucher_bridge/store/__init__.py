@@ -1,0 +1,36 @@
+"""Where each command's record (and each terminal's upstream session) lives."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from voucher_bridge.store.base import CommandStore
+
+
+def open_store(url: str) -> CommandStore:
+    """`sqlite:///relative/path`, `sqlite:////absolute/path`, or `postgresql://…`."""
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
+        from voucher_bridge.store.sqlite import SqliteStore
+
+        return SqliteStore(Path(url.removeprefix("sqlite:///")))
+    if scheme in ("postgresql", "postgres"):
+        from voucher_bridge.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"IDEMPOTENCY_STORE_URL: unsupported scheme {scheme!r}")
+
+
+class StoreSessions:
+    """Each terminal's upstream cookie jar, kept in the store (survives restarts and moves)."""
+
+    def __init__(self, store: CommandStore) -> None:
+        self._store = store
+
+    async def load(self, terminal: str) -> dict[str, str]:
+        return await self._store.load_session(terminal)
+
+    async def save(self, terminal: str, cookies: dict[str, str]) -> None:
+        await self._store.save_session(terminal, cookies, time.time())

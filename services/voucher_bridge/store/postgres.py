@@ -1,0 +1,213 @@
+"""The shared store: PostgreSQL, for several instances of the service in one consumer group.
+
+A claim runs in one transaction that locks the command's row (`SELECT … FOR UPDATE`), so two
+instances that see the same command at once get one `new` and one `busy`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from voucher_bridge.store.base import (
+    Claim,
+    ClaimKind,
+    CommandKey,
+    LostClaim,
+    NewCommand,
+    State,
+    StoredCommand,
+    Unsettled,
+    decide_claim,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS vb_commands (
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    record_key BYTEA,
+    state TEXT NOT NULL,
+    owner TEXT,
+    token TEXT,
+    sent_at DOUBLE PRECISION,
+    result TEXT,
+    revision INTEGER NOT NULL DEFAULT 0,
+    unsettled BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (source, id)
+);
+CREATE INDEX IF NOT EXISTS vb_commands_unsettled ON vb_commands (unsettled) WHERE unsettled;
+CREATE INDEX IF NOT EXISTS vb_commands_done_at ON vb_commands (updated_at) WHERE state = 'done';
+CREATE TABLE IF NOT EXISTS vb_instances (
+    id TEXT PRIMARY KEY, heartbeat_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vb_terminal_sessions (
+    terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL
+);
+"""
+
+
+class PostgresStore:
+    def __init__(self, url: str, max_connections: int = 20) -> None:
+        self._pool = AsyncConnectionPool(
+            url, min_size=1, max_size=max_connections, open=False, kwargs={"autocommit": True}
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=True, timeout=30)
+        # One instance at a time creates the schema (CREATE … IF NOT EXISTS can race).
+        async with self._pool.connection() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(727274)")
+            await db.execute(SCHEMA)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> int:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(sql, params)
+            return cursor.rowcount
+
+    async def heartbeat(self, instance: str, now: float) -> None:
+        await self._execute(
+            "INSERT INTO vb_instances (id, heartbeat_at) VALUES (%s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (instance, now),
+        )
+
+    async def retire(self, instance: str) -> None:
+        await self._execute("DELETE FROM vb_instances WHERE id = %s", (instance,))
+
+    async def claim(
+        self, command: NewCommand, instance: str, now: float, stale_before: float
+    ) -> Claim:
+        key = command.key
+        token = uuid.uuid4().hex
+        async with self._pool.connection() as db, db.transaction():
+            inserted = await db.execute(
+                "INSERT INTO vb_commands (source, id, content_hash, type, subject, envelope, "
+                "record_key, state, owner, token, created_at, updated_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, 'received', %s, %s, %s, %s) "
+                "ON CONFLICT (source, id) DO NOTHING",
+                (
+                    key.source,
+                    key.id,
+                    command.content_hash,
+                    command.type,
+                    command.subject,
+                    command.envelope,
+                    command.record_key,
+                    instance,
+                    token,
+                    now,
+                    now,
+                ),
+            )
+            if inserted.rowcount == 1:
+                return Claim(ClaimKind.NEW, token=token)
+            stored = await _locked_row(db, key)
+            claim = decide_claim(stored, command.content_hash, token, stale_before)
+            if claim.kind is ClaimKind.RESUME:
+                await db.execute(
+                    "UPDATE vb_commands SET owner = %s, token = %s, updated_at = %s "
+                    "WHERE source = %s AND id = %s",
+                    (instance, token, now, key.source, key.id),
+                )
+            return claim
+
+    async def mark_sent(self, key: CommandKey, token: str, now: float) -> None:
+        updated = await self._execute(
+            "UPDATE vb_commands SET state = 'sent', sent_at = %s, updated_at = %s "
+            "WHERE source = %s AND id = %s AND token = %s",
+            (now, now, key.source, key.id, token),
+        )
+        if updated != 1:
+            raise LostClaim(f"{key}")
+
+    async def complete(
+        self, key: CommandKey, token: str, result: str, unsettled: bool, now: float
+    ) -> None:
+        updated = await self._execute(
+            "UPDATE vb_commands SET state = 'done', result = %s, unsettled = %s, owner = NULL, "
+            "token = NULL, updated_at = %s WHERE source = %s AND id = %s AND token = %s",
+            (result, unsettled, now, key.source, key.id, token),
+        )
+        if updated != 1:
+            raise LostClaim(f"{key}")
+
+    async def unsettled(self, limit: int) -> list[Unsettled]:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT source, id, envelope, record_key, result, revision, sent_at "
+                "FROM vb_commands WHERE unsettled AND state = 'done' LIMIT %s",
+                (limit,),
+            )
+            rows = await cursor.fetchall()
+        return [
+            Unsettled(CommandKey(r[0], r[1]), r[2], _bytes(r[3]), r[4], r[5], r[6]) for r in rows
+        ]
+
+    async def settle(
+        self, key: CommandKey, revision: int, result: str, unsettled: bool, now: float
+    ) -> bool:
+        updated = await self._execute(
+            "UPDATE vb_commands SET result = %s, revision = revision + 1, unsettled = %s, "
+            "updated_at = %s WHERE source = %s AND id = %s AND revision = %s "
+            "AND state = 'done'",
+            (result, unsettled, now, key.source, key.id, revision),
+        )
+        return updated == 1
+
+    async def purge(self, before: float, limit: int) -> int:
+        return await self._execute(
+            "DELETE FROM vb_commands WHERE ctid IN (SELECT ctid FROM vb_commands "
+            "WHERE state = 'done' AND NOT unsettled AND updated_at < %s LIMIT %s)",
+            (before, limit),
+        )
+
+    async def count(self) -> int:
+        async with self._pool.connection() as db:
+            cursor = await db.execute("SELECT count(*) FROM vb_commands")
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def load_session(self, terminal: str) -> dict[str, str]:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT cookies FROM vb_terminal_sessions WHERE terminal = %s", (terminal,)
+            )
+            row = await cursor.fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    async def save_session(self, terminal: str, cookies: dict[str, str], now: float) -> None:
+        await self._execute(
+            "INSERT INTO vb_terminal_sessions (terminal, cookies, updated_at) "
+            "VALUES (%s, %s, %s) ON CONFLICT (terminal) DO UPDATE SET "
+            "cookies = excluded.cookies, updated_at = excluded.updated_at",
+            (terminal, json.dumps(cookies), now),
+        )
+
+
+async def _locked_row(db: AsyncConnection[Any], key: CommandKey) -> StoredCommand:
+    cursor = await db.execute(
+        "SELECT c.content_hash, c.state, c.sent_at, c.result, c.revision, i.heartbeat_at "
+        "FROM vb_commands c LEFT JOIN vb_instances i ON i.id = c.owner "
+        "WHERE c.source = %s AND c.id = %s FOR UPDATE OF c",
+        (key.source, key.id),
+    )
+    row = await cursor.fetchone()
+    assert row is not None  # it conflicted on insert, and records are never deleted in flight
+    return StoredCommand(row[0], State(row[1]), row[2], row[3], row[4], row[5])
+
+
+def _bytes(value: Any) -> bytes | None:
+    return bytes(value) if value is not None else None
