@@ -189,10 +189,18 @@ class CommandProducer:
         return command
 
     async def send_raw(
-        self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> None:
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        partition: int | None = None,
+    ) -> int:
+        """Send a record as given; returns the partition it went to."""
         assert self._producer is not None
-        await self._producer.send_and_wait(self._topic, value=value, key=key, headers=headers)
+        metadata = await self._producer.send_and_wait(
+            self._topic, value=value, key=key, headers=headers, partition=partition
+        )
+        return int(metadata.partition)
 
 
 @dataclass
