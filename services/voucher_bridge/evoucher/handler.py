@@ -136,7 +136,9 @@ class PosCommandHandler:
         if not isinstance(data, Redeem):
             return None
         unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
-        decision = await self._reconcile_redeem(command.subject, data, unknown)
+        # Later, the till has moved on to other bills: a scan that finds a voucher unredeemed
+        # has just locked it to the till's current bill, so release it again.
+        decision = await self._reconcile_redeem(command.subject, data, unknown, release=True)
         if decision.outcome is Outcome.INDETERMINATE:
             return None
         return _result(command, decision, previous.upstream)

@@ -1,0 +1,176 @@
+"""The crash test: many tills, redeems among their commands, the service killed with SIGKILL
+at random moments and restarted, the upstream injecting faults; then a second instance joins
+and leaves the consumer group mid-run. Checked against what the sandbox recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack
+from voucher_bridge.localstack import (
+    CommandProducer,
+    Process,
+    ResultReader,
+    SentCommand,
+    start_service,
+)
+
+TILLS = 80
+SESSIONS_PER_TILL = 5  # each: bill, two scans, then a redeem of both (or a cancel)
+KILLS = 8
+
+
+def _env(s: Stack) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": s.bootstrap,
+        "KAFKA_GROUP_ID": s.group,
+        "POS_COMMANDS_TOPIC": s.commands,
+        "POS_RESULTS_TOPIC": s.results,
+        "EVOUCHER_BASE_URL": s.sandbox.url,
+        "EVOUCHER_TERMINALS": json.dumps(s.terminals),
+        "EVOUCHER_READ_TIMEOUT_S": "1",
+        "EVOUCHER_MAX_CONNECTIONS": "50",
+        "IDEMPOTENCY_STORE_URL": s.store_url,
+        "INSTANCE_HEARTBEAT_S": "0.5",
+        "INSTANCE_STALE_AFTER_S": "3",
+        "SETTLE_INTERVAL_S": "1",
+        "COMMIT_INTERVAL_MS": "100",
+        "SESSION_TIMEOUT_MS": "6000",
+        "UPSTREAM_RETRY_BASE_DELAY_S": "0.05",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
+    stack: Any, tmp_path: Path
+) -> None:
+    s: Stack = await stack(partitions=6)
+    rng = random.Random(20261121)
+    tills = [s.terminal() for _ in range(TILLS)]
+    vouchers = {t: s.sandbox.add_vouchers(*["10.00"] * (2 * SESSIONS_PER_TILL)) for t in tills}
+    redeem_codes: dict[str, list[str]] = {}
+    before = s.sandbox.admin.get("state", params={"vouchers": "0"}).json()["totals"]
+    s.sandbox.faults(
+        latency_ms=2,
+        latency_jitter_ms=8,
+        error_rate=0.03,
+        timeout_rate=0.01,
+        timeout_sleep_s=2,
+        drop_after_apply_rate=0.04,
+        seed=7,
+    )
+
+    sent: list[SentCommand] = []
+    async with CommandProducer(s.bootstrap, s.commands) as producer:
+        for session in range(SESSIONS_PER_TILL):
+            for till in tills:
+                codes = vouchers[till][2 * session : 2 * session + 2]
+                sent.append(await producer.send("pos.bill_total", till, {"bill_total": 15}))
+                for code in codes:
+                    sent.append(await producer.send("pos.scan", till, {"voucher_code": code}))
+                if rng.random() < 0.75:
+                    redeem = await producer.send("pos.redeem", till, {"voucher_codes": codes})
+                    redeem_codes[redeem.id] = codes
+                    sent.append(redeem)
+                else:
+                    sent.append(await producer.send("pos.cancel", till, {"voucher_codes": codes}))
+    ids = {c.id for c in sent}
+    logs = tmp_path / "logs"
+
+    async with ResultReader(s.bootstrap, s.results) as reader:
+        # Phase 1: kill -9 at random moments.
+        for n in range(KILLS):
+            service = start_service(_env(s), logs / f"run-{n}.log")
+            await _run_for(reader, rng.uniform(1.5, 4.0))
+            service.kill()
+        # Phase 2: two instances; the second leaves (gracefully) in the middle.
+        first = start_service(_env(s), logs / "first.log")
+        second = start_service(_env(s), logs / "second.log")
+        await _run_for(reader, 4.0)
+        second.stop()
+        try:
+            await _wait_all(reader, ids, first, timeout_s=240)
+            await reader.settle(2.0)
+        finally:
+            first.stop()
+
+    after = s.sandbox.admin.get("state", params={"vouchers": "0"}).json()
+    injected = after["faults"]["injected"]
+    results = reader.for_commands(ids)
+    final: dict[str, dict[str, Any]] = {}
+    by_result_id: dict[str, dict[str, Any]] = {}
+    for r in results:
+        data = r.data
+        # A result published again (a replay after a crash) is the same result.
+        if r.event["id"] in by_result_id:
+            assert by_result_id[r.event["id"]] == _comparable(data)
+        by_result_id[r.event["id"]] = _comparable(data)
+        current = final.get(data["command_id"])
+        if current is None or data.get("supersedes") == current["_id"]:
+            final[data["command_id"]] = {**data, "_id": r.event["id"]}
+
+    # Every command has a final result.
+    assert set(final) == ids
+
+    # No voucher redeemed twice upstream.
+    state = s.sandbox.vouchers([c for codes in redeem_codes.values() for c in codes])
+    assert after["totals"]["double_redemptions"] == before["double_redemptions"]
+    assert all(v["redeem_count"] <= 1 for v in state.values())
+
+    # No result contradicts what the sandbox recorded; indeterminate only for redeems.
+    outcomes: Counter[str] = Counter()
+    for command_id, data in final.items():
+        outcomes[f"{data['command_type']}:{data['outcome']}"] += 1
+        if data["outcome"] == "indeterminate":
+            assert data["command_type"] == "pos.redeem"
+        if command_id not in redeem_codes:
+            continue
+        counts = {state[c]["redeem_count"] for c in redeem_codes[command_id]}
+        if data["outcome"] == "succeeded":
+            assert counts == {1}, (data, counts)
+        elif data["outcome"] in ("rejected", "failed"):
+            assert counts == {0}, (data, counts)
+    indeterminate = outcomes["pos.redeem:indeterminate"]
+    print(
+        f"\ncrash test ({s.store_url.split(':')[0]}): {len(sent)} commands, "
+        f"{len(redeem_codes)} redeems, {KILLS} SIGKILLs + a rebalance; "
+        f"{len(results)} results ({len(results) - len(ids)} replays or superseding); "
+        f"faults injected {injected}; final outcomes {dict(sorted(outcomes.items()))}; "
+        f"indeterminate redeems: {indeterminate}"
+    )
+    # An indeterminate redeem needs a lost or failed answer, or a crash mid-call.
+    assert indeterminate <= sum(injected.values()) + KILLS
+
+
+def _comparable(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "upstream"}
+
+
+async def _run_for(reader: ResultReader, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await reader.poll(0.2)
+
+
+async def _wait_all(
+    reader: ResultReader, ids: set[str], service: Process, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answered = {r.data["command_id"] for r in reader.for_commands(ids)}
+        if answered >= ids:
+            return
+        assert service.alive(), f"the service died; see {service.log_path}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(ids - answered)} commands unanswered")
+        await reader.poll(0.5)
+        await asyncio.sleep(0)
