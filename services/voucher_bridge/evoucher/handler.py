@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -143,7 +144,9 @@ class PosCommandHandler:
             return None
         return _result(command, decision, previous.upstream)
 
-    async def _reconcile_redeem(self, terminal: str, data: Redeem, unknown: Decision) -> Decision:
+    async def _reconcile_redeem(
+        self, terminal: str, data: Redeem, unknown: Decision, *, release: bool = False
+    ) -> Decision:
         """Ask the upstream about each code with a scan (a read that is safe to repeat while
         the codes are locked to this terminal): "already redeemed" means our redeem went
         through; a price means the voucher is still held, unredeemed."""
@@ -156,6 +159,9 @@ class PosCommandHandler:
             verdict = decide("pos.scan", Scan(voucher_code=code), answer)
             if verdict.outcome is Outcome.SUCCEEDED:
                 states[code] = "not_redeemed"
+                if release:
+                    with contextlib.suppress(CallNotSent, CallOutcomeUnknown):
+                        await self._client.call(terminal, Route.REMOVE, {"voucher_code": code})
             elif verdict.reason == "voucher_already_redeemed":
                 states[code] = "redeemed"
             else:
