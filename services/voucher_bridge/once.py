@@ -34,6 +34,7 @@ from voucher_bridge.store.base import (
     LostClaim,
     NewCommand,
     State,
+    Unsettled,
 )
 from voucher_contracts import (
     CommandEnvelope,
@@ -173,7 +174,12 @@ class ExactlyOnce:
                 await self.store.mark_sent(key, token, self._clock())
 
             resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
-            data = await self._act(command, text_key, before_send, resuming_sent)
+            try:
+                data = await self._act(command, text_key, before_send, resuming_sent)
+            except LostClaim:
+                # Taken over before the call went out: the other instance answers it.
+                log.warning("%s %s: claim lost to another instance", command.type, command.id)
+                continue
             unsettled = (
                 data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
             )
@@ -228,28 +234,36 @@ class ExactlyOnce:
         """Try again to settle indeterminate results; publish each one settled. Returns how many."""
         settled = 0
         for pending in await self.store.unsettled(limit=100):
-            previous = ResultData.model_validate_json(pending.result)
-            command = CommandEnvelope.model_validate_json(pending.envelope)
-            now = self._clock()
-            in_window = (
-                pending.sent_at is None or now - pending.sent_at < self._timing.settle_window_s
-            )
-            data = await self._handler.settle(command, previous) if in_window else None
-            if data is None:
-                if not in_window:  # it stays indeterminate: the ledger reconciles it
-                    await self.store.settle(
-                        pending.key, pending.revision, pending.result, False, now
-                    )
-                continue
-            old_id = result_id(pending.key.source, pending.key.id, pending.revision)
-            data = data.model_copy(update={"supersedes": old_id})
-            if await self.store.settle(
-                pending.key, pending.revision, data.model_dump_json(), False, now
-            ):
-                new_id = result_id(pending.key.source, pending.key.id, pending.revision + 1)
-                await publish(pending.record_key, command, Answered(data, new_id))
-                settled += 1
+            try:
+                settled += await self._settle_one(pending, publish)
+            except Exception:
+                # One record the upstream keeps failing on must not hold up the others.
+                log.exception("settling %s failed; trying again later", pending.key)
         return settled
+
+    async def _settle_one(self, pending: Unsettled, publish: PublishSuperseding) -> int:
+        previous = ResultData.model_validate_json(pending.result)
+        command = CommandEnvelope.model_validate_json(pending.envelope)
+        now = self._clock()
+        window = self._timing.settle_window_s
+        if pending.sent_at is not None and now - pending.sent_at >= window:
+            # The upstream can no longer tell: the result stays indeterminate, under its id,
+            # and the ledger reconciles it.
+            await self.store.give_up(pending.key, pending.revision, now)
+            return 0
+        data = await self._handler.settle(command, previous)
+        if data is None:
+            return 0
+        old_id = result_id(pending.key.source, pending.key.id, pending.revision)
+        new_id = result_id(pending.key.source, pending.key.id, pending.revision + 1)
+        data = data.model_copy(update={"supersedes": old_id})
+        # Published before it is stored as settled: a crash in between publishes it again
+        # (same id) rather than never.
+        await publish(pending.record_key, command, Answered(data, new_id))
+        stored = await self.store.settle(
+            pending.key, pending.revision, data.model_dump_json(), False, self._clock()
+        )
+        return 1 if stored else 0
 
     async def purge(self) -> int:
         before = self._clock() - self._timing.retention_s

@@ -167,6 +167,15 @@ class PostgresStore:
         )
         return updated == 1
 
+    async def give_up(self, key: CommandKey, revision: int, now: float) -> bool:
+        """Stop settling it; the result (and its id) stay as they are."""
+        updated = await self._execute(
+            "UPDATE vb_commands SET unsettled = FALSE, updated_at = %s "
+            "WHERE source = %s AND id = %s AND revision = %s AND state = 'done'",
+            (now, key.source, key.id, revision),
+        )
+        return updated == 1
+
     async def purge(self, before: float, limit: int) -> int:
         return await self._execute(
             "DELETE FROM vb_commands WHERE ctid IN (SELECT ctid FROM vb_commands "

@@ -200,6 +200,18 @@ class SqliteStore:
 
         return bool(await self._run(settle))
 
+    async def give_up(self, key: CommandKey, revision: int, now: float) -> bool:
+        """Stop settling it; the result (and its id) stay as they are."""
+
+        def give_up(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET unsettled = 0, updated_at = ? "
+                "WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
+                (now, key.source, key.id, revision),
+            ).rowcount
+
+        return bool(await self._run(give_up))
+
     async def purge(self, before: float, limit: int) -> int:
         def purge(db: sqlite3.Connection) -> int:
             return db.execute(
