@@ -20,7 +20,7 @@ from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
 from voucher_bridge import __version__
 from voucher_bridge.evoucher.client import EvoucherClient
-from voucher_bridge.evoucher.handler import PosCommandHandler, RetryPolicy
+from voucher_bridge.evoucher.handler import PosCommandHandler
 from voucher_bridge.kafka.connection import connection_args, faststream_security
 from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
 from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
@@ -29,6 +29,7 @@ from voucher_bridge.once import Answered, ExactlyOnce, Timing
 from voucher_bridge.settings import Settings
 from voucher_bridge.store import StoreSessions, open_store
 from voucher_bridge.telemetry import configure_tracing
+from voucher_bridge.upstream import RetryPolicy
 from voucher_contracts import CommandEnvelope, ResultEnvelope
 from voucher_contracts.pos import POS_COMMAND_TYPES
 from voucher_contracts.schema import command_schema

@@ -12,15 +12,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from voucher_bridge.evoucher.client import (
-    Answer,
-    CallNotSent,
-    CallOutcomeUnknown,
-    EvoucherClient,
-    InMemorySessions,
-    Route,
-    encode_json,
-)
+from voucher_bridge.evoucher.client import EvoucherClient, InMemorySessions, Route, encode_json
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown
 
 TOKEN_A = "tok-A-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 TOKEN_B = "tok-B-0a1b2c3d4e5f60718293a4b5c6d7e8f9"

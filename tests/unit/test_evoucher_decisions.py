@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from voucher_bridge.evoucher.client import Answer, Route, encode_json
+from voucher_bridge.evoucher.client import Route, encode_json
 from voucher_bridge.evoucher.decisions import (
     MONEY_MOVING,
     Decision,
@@ -23,6 +23,7 @@ from voucher_bridge.evoucher.decisions import (
     request_for,
     unanswered,
 )
+from voucher_bridge.upstream import Answer
 from voucher_contracts import Outcome
 from voucher_contracts.pos import BillTotal, Cancel, PosCommandData, Redeem, Remove, Scan
 

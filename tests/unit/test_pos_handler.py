@@ -14,15 +14,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from voucher_bridge.evoucher.client import (
-    Answer,
-    CallNotSent,
-    CallOutcomeUnknown,
-    EvoucherClient,
-    InMemorySessions,
-    Route,
-)
-from voucher_bridge.evoucher.handler import PosCommandHandler, RetryPolicy
+from voucher_bridge.evoucher.client import EvoucherClient, InMemorySessions, Route
+from voucher_bridge.evoucher.handler import PosCommandHandler
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, RetryPolicy
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, decode_command
 
 TERMINAL = "1st_floor_machine_1"

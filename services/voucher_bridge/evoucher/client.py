@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -23,6 +22,8 @@ from typing import Any, Protocol
 import httpx
 from pydantic import SecretStr
 
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown
+
 
 class Route(StrEnum):
     BILL_TOTAL = "bill_total_api"
@@ -30,23 +31,6 @@ class Route(StrEnum):
     REMOVE = "remove_voucher_api"
     REDEEM = "redeem_voucher_api"
     CANCEL = "cancel_payment_api"
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the upstream said: HTTP status and the JSON object, if the body was one."""
-
-    status: int
-    body: dict[str, Any] | None
-    elapsed_ms: int
-
-
-class CallNotSent(Exception):
-    """The request cannot have reached the upstream (no connection was made)."""
-
-
-class CallOutcomeUnknown(Exception):
-    """The request may have reached the upstream, but no answer came back."""
 
 
 class TerminalSessions(Protocol):

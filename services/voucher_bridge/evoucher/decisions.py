@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from voucher_bridge.evoucher.client import Answer, Route
+from voucher_bridge.evoucher.client import Route
+from voucher_bridge.results import Decision
+from voucher_bridge.upstream import Answer
 from voucher_contracts import Outcome
 from voucher_contracts.pos import BillTotal, Cancel, PosCommandData, Redeem, Remove, Scan
 
 # Commands whose call moves money: never resent blindly once it may have reached the upstream.
 MONEY_MOVING = frozenset({"pos.redeem"})
-
-
-@dataclass(frozen=True)
-class Decision:
-    outcome: Outcome
-    reason: str | None = None
-    message: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def request_for(terminal: str, data: PosCommandData) -> tuple[Route, dict[str, Any]]:

@@ -4,43 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from voucher_bridge.evoucher.client import (
-    Answer,
-    CallNotSent,
-    CallOutcomeUnknown,
-    EvoucherClient,
-    Route,
-)
+from voucher_bridge.evoucher.client import EvoucherClient, Route
 from voucher_bridge.evoucher.decisions import (
     MONEY_MOVING,
-    Decision,
     decide,
     request_for,
     unanswered,
 )
+from voucher_bridge.results import Decision, invalid, result
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, RetryPolicy
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
 from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Scan
 
 BeforeSend = Callable[[], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter, within a number of attempts."""
-
-    attempts: int = 3
-    base_delay_s: float = 0.2
-    max_delay_s: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
 
 
 class PosCommandHandler:
@@ -63,7 +44,7 @@ class PosCommandHandler:
         try:
             data: PosCommandData = data_model.model_validate(command.data or {})  # type: ignore[assignment]
         except ValidationError as exc:
-            return _result(command, _invalid(exc), UpstreamReport())
+            return result(command, invalid(exc), UpstreamReport())
         if record_key is not None and record_key != command.subject:
             decision = Decision(
                 Outcome.REJECTED,
@@ -71,11 +52,11 @@ class PosCommandHandler:
                 "subject must equal the record key (the terminal)",
                 {"errors": {"subject": ["must equal the record key"]}},
             )
-            return _result(command, decision, UpstreamReport())
+            return result(command, decision, UpstreamReport())
         terminal = command.subject
         if not self._client.knows(terminal):
             decision = Decision(Outcome.REJECTED, "unknown_terminal", f"no token for {terminal}")
-            return _result(command, decision, UpstreamReport())
+            return result(command, decision, UpstreamReport())
 
         route, body = request_for(terminal, data)
         if before_send is not None and command.type in MONEY_MOVING:
@@ -113,7 +94,7 @@ class PosCommandHandler:
             report = report.model_copy(
                 update={"elapsed_ms": int((time.monotonic() - started) * 1000)}
             )
-        return _result(command, decision, report)
+        return result(command, decision, report)
 
     async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
         """A previous instance died after a money-moving call may have gone out: never send it
@@ -129,7 +110,7 @@ class PosCommandHandler:
         started = time.monotonic()
         decision = await self._reconcile_redeem(command.subject, data, unknown)
         report = UpstreamReport(elapsed_ms=int((time.monotonic() - started) * 1000))
-        return _result(command, decision, report)
+        return result(command, decision, report)
 
     async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
         """Try again to settle an indeterminate redeem; None while it still cannot be told."""
@@ -142,7 +123,7 @@ class PosCommandHandler:
         decision = await self._reconcile_redeem(command.subject, data, unknown, release=True)
         if decision.outcome is Outcome.INDETERMINATE:
             return None
-        return _result(command, decision, previous.upstream)
+        return result(command, decision, previous.upstream)
 
     async def _reconcile_redeem(
         self, terminal: str, data: Redeem, unknown: Decision, *, release: bool = False
@@ -191,26 +172,3 @@ def _decision(
     if answer is None or (answer.status >= 500 and command_type not in MONEY_MOVING):
         return unanswered(command_type, may_have_reached=may_have_reached)
     return decide(command_type, data, answer)
-
-
-def _invalid(exc: ValidationError) -> Decision:
-    errors: dict[str, list[str]] = {}
-    for error in exc.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in error["loc"]) or "data"
-        errors.setdefault(field, []).append(error["msg"])
-    return Decision(
-        Outcome.REJECTED, "validation_error", "the command's data is not valid", {"errors": errors}
-    )
-
-
-def _result(command: CommandEnvelope, decision: Decision, report: UpstreamReport) -> ResultData:
-    return ResultData(
-        command_id=command.id,
-        command_source=command.source,
-        command_type=command.type,
-        outcome=decision.outcome,
-        reason=decision.reason,
-        message=decision.message,
-        upstream=report,
-        **decision.details,
-    )

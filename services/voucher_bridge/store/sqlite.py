@@ -78,10 +78,13 @@ class SqliteStore:
     async def open(self) -> None:
         def connect() -> None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            # The busy timeout from the start: switching to WAL needs a lock that another
+            # connection opening the same file at the same moment may hold.
+            db = sqlite3.connect(
+                self._path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
-            db.execute("PRAGMA busy_timeout=10000")
             db.executescript(SCHEMA)
             db.isolation_level = "IMMEDIATE"  # write lock up front: claims never interleave
             self._db = db

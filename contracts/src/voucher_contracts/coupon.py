@@ -1,0 +1,98 @@
+"""The `data` of the eight `coupon.*` commands (design.md).
+
+Only the shape is checked here (types, presence, no float money); what the Epin API itself
+refuses comes back from it as a `rejected` result with its own field messages, so the back
+office sees the vendor's words.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+
+
+def _text(value: Any) -> Any:
+    # Ids and amounts may come as JSON numbers or strings; the API takes them as text.
+    if isinstance(value, bool | float):
+        raise ValueError("must be a string or an integer, not a float or a boolean")
+    if isinstance(value, int | Decimal):
+        return str(value)
+    return value
+
+
+def _amount(value: Any) -> Any:
+    if isinstance(value, bool | float):
+        raise ValueError("must be a decimal number or a decimal string, not a float")
+    if isinstance(value, str):
+        value = value.strip()
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_text), Field(min_length=1, max_length=256)]
+Amount = Annotated[Decimal, BeforeValidator(_amount), Field(gt=0, max_digits=12, decimal_places=2)]
+
+
+class _CouponData(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ListActive(_CouponData):
+    wallet: Text | None = None
+    code: Text | None = None
+
+
+class Transfer(_CouponData):
+    user: Text
+    epin: Text
+
+
+class Share(_CouponData):
+    email: Text
+    epin: Text
+    share_amount: Amount
+
+
+class Delete(_CouponData):
+    epin: Text
+
+
+class RefundStatus(_CouponData):
+    epin: Text
+
+
+class ListWallets(_CouponData):
+    pass
+
+
+class Create(_CouponData):
+    wallet_type: Text
+    epin_amount: Text
+    number_of_pins: Text
+    transferable: bool
+    reusable: bool
+    # The mail token and its checksum authorise the creation: kept out of reprs and logs.
+    token_field: SecretStr
+    token_checksum_field: SecretStr
+    form_key: Text
+
+
+class History(_CouponData):
+    wallet: Text | None = None
+
+
+CouponCommandData = (
+    ListActive | Transfer | Share | Delete | RefundStatus | ListWallets | Create | History
+)
+
+COUPON_COMMAND_TYPES: dict[str, type[_CouponData]] = {
+    "coupon.list_active": ListActive,
+    "coupon.transfer": Transfer,
+    "coupon.share": Share,
+    "coupon.delete": Delete,
+    "coupon.refund_status": RefundStatus,
+    "coupon.list_wallets": ListWallets,
+    "coupon.create": Create,
+    "coupon.history": History,
+}

@@ -1,0 +1,270 @@
+"""The Epixel Epin (prepaid coupons) API over HTTP, as its documentation and samples send it.
+
+Every call carries `apikey` and `Authorization: Bearer <access token>`. Access tokens come from
+logging in with the account's username and password and expire; they are renewed with the
+refresh token, and when that fails too, by logging in again (shared/upstream/NOTES.md). All of
+that lives here, per account: concurrent commands of one account share one login and one
+refresh. Bodies are form data (multipart), as the vendor's samples send them.
+
+This module only transports; what an answer means is decided in `epin.decisions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import SecretStr
+
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown
+
+
+class Unauthorized(Exception):
+    """The account's credentials (or the API key) were refused."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: SecretStr
+
+
+@dataclass
+class _Tokens:
+    access: str | None = None
+    refresh: str | None = None
+    access_expires: float | None = None  # from the JWT's `exp`, when it is a JWT
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class EpinClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr | None,
+        accounts: Mapping[str, Credentials],
+        *,
+        refresh_path: str = "user/token/refresh/",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 15.0,
+        max_connections: int = 10,
+        max_pages: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._base = base_url.rstrip("/") + "/"
+        self._api_key = api_key
+        self._accounts = dict(accounts)
+        self._refresh_path = refresh_path.lstrip("/")
+        self._max_pages = max_pages
+        self._tokens: dict[str, _Tokens] = {}
+        self._http = httpx.AsyncClient(
+            base_url=self._base,
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"Accept": "application/json"},
+            transport=transport,
+        )
+        self.logins = 0  # how many times an account logged in (for tests and metrics)
+        self.refreshes = 0
+
+    def knows(self, account: str) -> bool:
+        return account in self._accounts and self._api_key is not None
+
+    async def call(
+        self,
+        account: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """One call as `account`, renewing its access token once if the API says it expired.
+
+        Raises Unauthorized when the credentials are refused, CallNotSent / CallOutcomeUnknown
+        like the eVOUCHER client.
+        """
+        tokens = self._tokens.setdefault(account, _Tokens())
+        access = await self._access(account, tokens)
+        answer = await self._send(method, path, access, params=params, form=form)
+        if answer.status == 401 and _token_not_valid(answer.body):
+            # Expired (or revoked) access token: the request was refused before anything
+            # happened, so it is safe to send again once, with a fresh token.
+            access = await self._access(account, tokens, stale=access)
+            answer = await self._send(method, path, access, params=params, form=form)
+        return answer
+
+    async def call_all_pages(
+        self, account: str, path: str, params: Mapping[str, str] | None = None
+    ) -> tuple[Answer, list[dict[str, Any]]]:
+        """GET a paginated list and follow `next` to the end (at most `max_pages` pages).
+
+        Returns the last answer and every result; a page that is not a success ends it early
+        (the caller decides from that answer).
+        """
+        results: list[dict[str, Any]] = []
+        query: Mapping[str, str] | None = params
+        target = path
+        for _ in range(self._max_pages):
+            answer = await self.call(account, "GET", target, params=query)
+            data = answer.body.get("data") if answer.status == 200 and answer.body else None
+            if not isinstance(data, dict):
+                return answer, results
+            page = data.get("results")
+            if isinstance(page, list):
+                results.extend(r for r in page if isinstance(r, dict))
+            following = data.get("next")
+            if not following:
+                return answer, results
+            target, query = self._relative(str(following)), None
+        raise CallOutcomeUnknown(f"{path}: more than {self._max_pages} pages")
+
+    def _relative(self, url: str) -> str:
+        # Follow `next` on our own base only: the bearer token never goes to another host.
+        parts = urlsplit(url)
+        base = urlsplit(self._base)
+        path = parts.path
+        if path.startswith(base.path):
+            path = path[len(base.path) :]
+        return path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        access: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
+    ) -> Answer:
+        assert self._api_key is not None
+        headers = {"apikey": self._api_key.get_secret_value(), "Authorization": f"Bearer {access}"}
+        # multipart/form-data with plain fields, as the vendor's samples (FormData) send it.
+        files = {k: (None, v) for k, v in form.items()} if form is not None else None
+        return await self._request(method, path, headers, params=params, files=files)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        *,
+        params: Mapping[str, str] | None = None,
+        files: dict[str, tuple[None, str]] | None = None,
+    ) -> Answer:
+        started = time.monotonic()
+        try:
+            response = await self._http.request(
+                method, path, params=params, files=files, headers=headers
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise CallNotSent(f"{path}: {type(exc).__name__}") from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise CallOutcomeUnknown(f"{path}: {type(exc).__name__}") from None
+        try:
+            body = json.loads(response.content, parse_float=Decimal)
+        except (ValueError, RecursionError):
+            body = None
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        return Answer(response.status_code, body if isinstance(body, dict) else None, elapsed_ms)
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    async def _access(self, account: str, tokens: _Tokens, stale: str | None = None) -> str:
+        """A valid access token for `account`; renews it when it is `stale` or expiring."""
+        async with tokens.lock:  # one login or refresh per account at a time
+            fresh = tokens.access is not None and tokens.access != stale
+            expiring = tokens.access_expires is not None and tokens.access_expires < time.time() + 5
+            if fresh and not expiring:
+                assert tokens.access is not None
+                return tokens.access
+            if tokens.refresh is not None and await self._refresh(tokens):
+                assert tokens.access is not None
+                return tokens.access
+            await self._login(account, tokens)
+            assert tokens.access is not None
+            return tokens.access
+
+    async def _refresh(self, tokens: _Tokens) -> bool:
+        assert self._api_key is not None
+        self.refreshes += 1
+        answer = await self._request(
+            "POST",
+            self._refresh_path,
+            {"apikey": self._api_key.get_secret_value()},
+            files={"refresh": (None, tokens.refresh or "")},
+        )
+        access = answer.body.get("access") if answer.status == 200 and answer.body else None
+        if not isinstance(access, str) or not access:
+            tokens.refresh = None  # log in again
+            return False
+        tokens.access, tokens.access_expires = access, _expiry(access)
+        refresh = answer.body.get("refresh") if answer.body else None
+        if isinstance(refresh, str) and refresh:  # a rotating refresh token
+            tokens.refresh = refresh
+        return True
+
+    async def _login(self, account: str, tokens: _Tokens) -> None:
+        assert self._api_key is not None
+        credentials = self._accounts[account]
+        self.logins += 1
+        answer = await self._request(
+            "POST",
+            "user/login/",
+            {"apikey": self._api_key.get_secret_value()},
+            files={
+                "username": (None, credentials.username),
+                "password": (None, credentials.password.get_secret_value()),
+            },
+        )
+        body = answer.body or {}
+        access, refresh = body.get("access"), body.get("refresh")
+        if answer.status != 200 or not isinstance(access, str) or not access:
+            if answer.status >= 500:
+                raise CallNotSent(f"login: HTTP {answer.status}")
+            raise Unauthorized(_detail(body) or f"login refused (HTTP {answer.status})")
+        tokens.access, tokens.access_expires = access, _expiry(access)
+        tokens.refresh = refresh if isinstance(refresh, str) and refresh else None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _token_not_valid(body: dict[str, Any] | None) -> bool:
+    """The Django REST SimpleJWT answer to an expired or invalid access token."""
+    return body is not None and body.get("code") == "token_not_valid"
+
+
+def _expiry(token: str) -> float | None:
+    """The `exp` of a JWT access token, to renew it before it runs out; None if opaque."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    return float(exp) if isinstance(exp, int | float) else None
+
+
+def _detail(body: dict[str, Any]) -> str | None:
+    errors = body.get("errors")
+    if isinstance(errors, dict) and isinstance(errors.get("detail"), str):
+        return str(errors["detail"])
+    detail = body.get("detail")
+    return detail if isinstance(detail, str) else None

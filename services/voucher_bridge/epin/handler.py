@@ -1,0 +1,313 @@
+"""Handle one `coupon.*` command: validate, call the Epin API as the account, decide.
+
+Transfer, share, create and delete move value and are not idempotent upstream: each is sent
+at most once after it may have reached the API. When its answer is lost, the handler finds out
+what happened where the API lets it tell: the active list (is the coupon still ours?), the
+refund status (was it deleted?), the coupon's balance before and after (was the share taken
+off?), the history (was the share or the creation recorded?); else it stays `indeterminate`.
+`coupon.create` carries a single-use `form_key`: a create that may have arrived is never sent
+again, so the key is never burnt by a retry of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import ValidationError
+
+from voucher_bridge.epin.client import EpinClient, Unauthorized
+from voucher_bridge.epin.decisions import MONEY_MOVING, PAGINATED, decide, request_for
+from voucher_bridge.results import Decision, invalid, result
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, RetryPolicy
+from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
+from voucher_contracts.coupon import (
+    COUPON_COMMAND_TYPES,
+    CouponCommandData,
+    Create,
+    Delete,
+    RefundStatus,
+    Share,
+    Transfer,
+)
+
+BeforeSend = Callable[[], Awaitable[None]]
+
+
+class CouponCommandHandler:
+    money_moving = MONEY_MOVING
+
+    def __init__(self, client: EpinClient, retry: RetryPolicy | None = None) -> None:
+        self._client = client
+        self._retry = retry or RetryPolicy()
+
+    async def handle(
+        self,
+        command: CommandEnvelope,
+        record_key: str | None,
+        before_send: BeforeSend | None = None,
+    ) -> ResultData:
+        started = time.monotonic()
+        since = time.time()
+        try:
+            data: CouponCommandData = COUPON_COMMAND_TYPES[command.type].model_validate(
+                command.data or {}
+            )  # type: ignore[assignment]
+        except ValidationError as exc:
+            return result(command, invalid(exc), UpstreamReport())
+        if record_key is not None and record_key != command.subject:
+            decision = Decision(
+                Outcome.REJECTED,
+                "validation_error",
+                "subject must equal the record key (the account)",
+                {"errors": {"subject": ["must equal the record key"]}},
+            )
+            return result(command, decision, UpstreamReport())
+        account = command.subject
+        if not self._client.knows(account):
+            decision = Decision(
+                Outcome.REJECTED, "unknown_account", f"no credentials for {account}"
+            )
+            return result(command, decision, UpstreamReport())
+
+        money = command.type in MONEY_MOVING
+        before: Decimal | None = None
+        if isinstance(data, Share):
+            # The coupon's balance now, so that a lost answer can be told from the balance.
+            before = await self._balance_or_none(account, data.epin)
+        if money and before_send is not None:
+            await before_send()
+        request = request_for(data)
+        attempts, answer, listed, may_have_reached = 0, None, None, False
+        while True:
+            attempts += 1
+            try:
+                if command.type in PAGINATED:
+                    answer, listed = await self._client.call_all_pages(
+                        account, request.path, request.params
+                    )
+                else:
+                    answer = await self._client.call(
+                        account,
+                        request.method,
+                        request.path,
+                        params=request.params,
+                        form=request.form,
+                    )
+            except Unauthorized as exc:
+                decision = Decision(Outcome.FAILED, "unauthorized", exc.message)
+                return result(command, decision, _report(attempts, None, started))
+            except CallNotSent:
+                retryable = True
+            except CallOutcomeUnknown:
+                may_have_reached = True
+                retryable = not money
+            else:
+                retryable = answer.status == 429 or (answer.status >= 500 and not money)
+                if not retryable:
+                    break
+            if not retryable or attempts >= self._retry.attempts:
+                break
+            await asyncio.sleep(self._retry.delay(attempts))
+
+        decision = self._decision(command.type, data, answer, listed, may_have_reached)
+        if decision.outcome is Outcome.INDETERMINATE and money:
+            decision = await self._reconcile(account, data, decision, before, since)
+        return result(command, decision, _report(attempts, answer, started))
+
+    def _decision(
+        self,
+        command_type: str,
+        data: CouponCommandData,
+        answer: Answer | None,
+        listed: list[dict[str, Any]] | None,
+        may_have_reached: bool,
+    ) -> Decision:
+        if answer is None or (answer.status >= 500 and command_type not in MONEY_MOVING):
+            if may_have_reached and command_type in MONEY_MOVING:
+                return Decision(Outcome.INDETERMINATE, "upstream_unavailable")
+            return Decision(Outcome.FAILED, "upstream_unavailable")
+        return decide(command_type, data, answer, listed)
+
+    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+        """A previous instance died after a value-moving call may have gone out: never send
+        it again; find out what happened instead."""
+        data = COUPON_COMMAND_TYPES[command.type].model_validate(command.data or {})
+        if command.type not in MONEY_MOVING:
+            return await self.handle(command, record_key)  # safe to send again
+        unknown = Decision(
+            Outcome.INDETERMINATE,
+            "upstream_unavailable",
+            "the service stopped while the call was under way",
+        )
+        started = time.monotonic()
+        since = command.time.timestamp() if command.time else time.time() - 3600
+        decision = await self._reconcile(command.subject, data, unknown, None, since)  # type: ignore[arg-type]
+        return result(command, decision, _report(0, None, started))
+
+    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
+        data = COUPON_COMMAND_TYPES[command.type].model_validate(command.data or {})
+        unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
+        since = command.time.timestamp() if command.time else time.time() - 3600
+        decision = await self._reconcile(command.subject, data, unknown, None, since)  # type: ignore[arg-type]
+        if decision.outcome is Outcome.INDETERMINATE:
+            return None
+        return result(command, decision, previous.upstream)
+
+    # -- finding out what happened --------------------------------------------------------------
+
+    async def _reconcile(
+        self,
+        account: str,
+        data: CouponCommandData,
+        unknown: Decision,
+        before: Decimal | None,
+        since: float,
+    ) -> Decision:
+        try:
+            match data:
+                case Transfer(epin=epin, user=user):
+                    coupons = await self._active(account)
+                    if coupons is None:
+                        return unknown
+                    if any(str(c.get("id")) == epin for c in coupons):
+                        return _not_applied("the coupon is still in the account")
+                    return _applied("the coupon left the account", {"epin": epin, "user": user})
+                case Delete(epin=epin):
+                    status = await self._refund_status(account, epin)
+                    if status == "refunded":
+                        return _applied("the coupon is refunded", {"epin": epin})
+                    if status == "not_refunded":
+                        return _not_applied("the coupon is not refunded")
+                    return unknown
+                case Share(epin=epin, share_amount=amount):
+                    if before is not None:
+                        after = await self._balance_or_none(account, epin, gone_is_zero=True)
+                        if after == before:
+                            return _not_applied("the coupon's balance did not change")
+                        if after == before - amount:
+                            return _applied(
+                                "the share was taken off the coupon's balance",
+                                {"epin": epin, "share_amount": amount, "balance": after},
+                            )
+                    if await self._in_history(account, "share", since, epin=epin, amount=amount):
+                        return _applied("the share is in the history", {"epin": epin})
+                    return unknown
+                case Create(wallet_type=wallet, epin_amount=amount, number_of_pins=pins):
+                    found = await self._history_count(
+                        account, "create", since, wallet=wallet, amount=_decimal(amount)
+                    )
+                    if found is not None and found == int(pins):
+                        return _applied("the coupons are in the history", {})
+                    return unknown
+        except (CallNotSent, CallOutcomeUnknown, Unauthorized):
+            return unknown
+        return unknown
+
+    async def _active(self, account: str) -> list[dict[str, Any]] | None:
+        answer, coupons = await self._client.call_all_pages(account, "user/get/active-epin/")
+        return coupons if answer.status == 200 else None
+
+    async def _balance_or_none(
+        self, account: str, epin: str, *, gone_is_zero: bool = False
+    ) -> Decimal | None:
+        try:
+            coupons = await self._active(account)
+        except (CallNotSent, CallOutcomeUnknown, Unauthorized):
+            return None
+        if coupons is None:
+            return None
+        for coupon in coupons:
+            if str(coupon.get("id")) == epin:
+                return _decimal(coupon.get("balance"))
+        # An emptied coupon leaves the active list.
+        return Decimal("0.00") if gone_is_zero else None
+
+    async def _refund_status(self, account: str, epin: str) -> str | None:
+        request = request_for(RefundStatus(epin=epin))
+        answer = await self._client.call(
+            account, request.method, request.path, params=request.params
+        )
+        data = answer.body.get("data") if answer.status == 200 and answer.body else None
+        status = data.get("refund_status") if isinstance(data, dict) else None
+        return status if isinstance(status, str) else None
+
+    async def _history(self, account: str) -> list[dict[str, Any]] | None:
+        answer, entries = await self._client.call_all_pages(account, "user/epin/history/")
+        return entries if answer.status == 200 else None
+
+    async def _in_history(
+        self, account: str, action: str, since: float, *, epin: str, amount: Decimal
+    ) -> bool:
+        entries = await self._history(account)
+        return any(
+            e.get("action") == action
+            and str(e.get("epin")) == epin
+            and _decimal(e.get("amount")) == amount
+            and _after(e.get("date"), since)
+            for e in entries or []
+        )
+
+    async def _history_count(
+        self, account: str, action: str, since: float, *, wallet: str, amount: Decimal | None
+    ) -> int | None:
+        entries = await self._history(account)
+        if entries is None:
+            return None
+        return sum(
+            1
+            for e in entries
+            if e.get("action") == action
+            and e.get("wallet_type") == wallet
+            and _decimal(e.get("amount")) == amount
+            and _after(e.get("date"), since)
+        )
+
+
+def _applied(message: str, details: dict[str, Any]) -> Decision:
+    return Decision(
+        Outcome.SUCCEEDED, None, f"reconciled: {message}", {**details, "reconciled": True}
+    )
+
+
+def _not_applied(message: str) -> Decision:
+    return Decision(
+        Outcome.FAILED,
+        "upstream_unavailable",
+        f"reconciled: {message}; the command may be sent again",
+        {"reconciled": True},
+    )
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if value is None or isinstance(value, bool | float):
+        return None
+    try:
+        return Decimal(str(value)).quantize(Decimal("0.01"))
+    except InvalidOperation:
+        return None
+
+
+def _after(value: Any, since: float) -> bool:
+    # A minute of slack for clocks that differ between us and the upstream.
+    if not isinstance(value, str):
+        return False
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp() >= since - 60
+
+
+def _report(attempts: int, answer: Answer | None, started: float) -> UpstreamReport:
+    return UpstreamReport(
+        attempts=attempts,
+        last_status=answer.status if answer else None,
+        elapsed_ms=int((time.monotonic() - started) * 1000),
+    )
