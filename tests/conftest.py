@@ -89,6 +89,11 @@ class Stack:
         self.commands = unique_topic("pos.commands")
         self.results = self.commands.replace("commands", "results")
         self.dlq = self.commands + ".dlq"
+        suffix = self.commands.removeprefix("pos.commands")
+        self.coupon_commands = f"coupon.commands{suffix}"
+        self.coupon_results = f"coupon.results{suffix}"
+        self.coupon_dlq = self.coupon_commands + ".dlq"
+        self.accounts: dict[str, dict[str, str]] = {}
         self.group = f"vb-{uuid.uuid4().hex[:8]}"
         self.terminals: dict[str, str] = {}
 
@@ -98,6 +103,8 @@ class Stack:
             "kafka_group_id": self.group,
             "pos_commands_topic": self.commands,
             "pos_results_topic": self.results,
+            "coupon_commands_topic": self.coupon_commands,
+            "coupon_results_topic": self.coupon_results,
             "evoucher_base_url": self.sandbox.url,
             "evoucher_terminals": self.terminals,
             "evoucher_max_connections": 50,
@@ -154,6 +161,8 @@ async def stack(
         stack = Stack(kafka_bootstrap, sandbox, store_url)
         for topic in (stack.commands, stack.results, stack.dlq):
             await create_topic(kafka_bootstrap, topic, partitions)
+        for topic in (stack.coupon_commands, stack.coupon_results, stack.coupon_dlq):
+            await create_topic(kafka_bootstrap, topic, 2)
         return stack
 
     yield make

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -17,20 +18,25 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 from faststream.specification import AsyncAPI
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from pydantic import BaseModel
 
 from voucher_bridge import __version__
+from voucher_bridge.epin.client import Credentials, EpinClient
+from voucher_bridge.epin.handler import CouponCommandHandler
 from voucher_bridge.evoucher.client import EvoucherClient
 from voucher_bridge.evoucher.handler import PosCommandHandler
 from voucher_bridge.kafka.connection import connection_args, faststream_security
 from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
 from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
 from voucher_bridge.kafka.producer import RecordProducer
-from voucher_bridge.once import Answered, ExactlyOnce, Timing
+from voucher_bridge.kafka.records import Record
+from voucher_bridge.once import Answered, ExactlyOnce, RoutedHandler, Timing
 from voucher_bridge.settings import Settings
 from voucher_bridge.store import StoreSessions, open_store
 from voucher_bridge.telemetry import configure_tracing
 from voucher_bridge.upstream import RetryPolicy
 from voucher_contracts import CommandEnvelope, ResultEnvelope
+from voucher_contracts.coupon import COUPON_COMMAND_TYPES
 from voucher_contracts.pos import POS_COMMAND_TYPES
 from voucher_contracts.schema import command_schema
 
@@ -67,6 +73,16 @@ async def _raw_decoder(message: StreamMessage[Any], decode: Any) -> bytes:
     return bytes(message.body)
 
 
+@dataclass
+class Lane:
+    """One domain's way through the service: its topics, command types and moving parts."""
+
+    name: str  # "pos" or "coupon"
+    topics: Topics
+    command_types: Mapping[str, type[BaseModel]]
+    pipeline: CommandPipeline
+
+
 class Service:
     """The running parts of one voucher-bridge instance."""
 
@@ -82,15 +98,36 @@ class Service:
             read_timeout_s=settings.evoucher_read_timeout_s,
             max_connections=settings.evoucher_max_connections,
         )
-        HTTPXClientInstrumentor().instrument_client(self.evoucher._http)
+        self.epin = EpinClient(
+            settings.epin_base_url or "http://epin.invalid/",
+            settings.epin_api_key if settings.epin_base_url else None,
+            {
+                name: Credentials(account.username, account.password)
+                for name, account in settings.epin_accounts.items()
+            },
+            refresh_path=settings.epin_refresh_path,
+            connect_timeout_s=settings.epin_connect_timeout_s,
+            read_timeout_s=settings.epin_read_timeout_s,
+            max_connections=settings.epin_max_connections,
+            max_pages=settings.epin_max_pages,
+        )
+        for client in (self.evoucher, self.epin):
+            HTTPXClientInstrumentor().instrument_client(client._http)
         retry = RetryPolicy(
             attempts=settings.upstream_retry_attempts,
             base_delay_s=settings.upstream_retry_base_delay_s,
             max_delay_s=settings.upstream_retry_max_delay_s,
         )
-        self.pos_once = ExactlyOnce(
+        pos_handler = PosCommandHandler(self.evoucher, retry)
+        coupon_handler = CouponCommandHandler(self.epin, retry)
+        self.once = ExactlyOnce(
             self.store,
-            PosCommandHandler(self.evoucher, retry),
+            RoutedHandler(
+                {
+                    **dict.fromkeys(POS_COMMAND_TYPES, pos_handler),
+                    **dict.fromkeys(COUPON_COMMAND_TYPES, coupon_handler),
+                }
+            ),
             Timing(
                 heartbeat_interval_s=settings.instance_heartbeat_s,
                 stale_after_s=settings.instance_stale_after_s,
@@ -99,21 +136,51 @@ class Service:
                 retention_s=settings.idempotency_retention_s,
             ),
         )
-        self.pos_pipeline = CommandPipeline(
-            Topics(settings.pos_commands_topic, settings.pos_results_topic, settings.pos_dlq_topic),
-            POS_COMMAND_TYPES,
-            self.pos_once,
-            self.producer,
-            group_id=settings.kafka_group_id,
-            max_record_bytes=settings.max_record_bytes,
-        )
-        self.pos_dispatcher = KeyOrderedDispatcher(
-            self.pos_pipeline.process,
+        self.lanes = [
+            self._lane(
+                "pos",
+                Topics(
+                    settings.pos_commands_topic, settings.pos_results_topic, settings.pos_dlq_topic
+                ),
+                POS_COMMAND_TYPES,
+            ),
+            self._lane(
+                "coupon",
+                Topics(
+                    settings.coupon_commands_topic,
+                    settings.coupon_results_topic,
+                    settings.coupon_dlq_topic,
+                ),
+                COUPON_COMMAND_TYPES,
+            ),
+        ]
+        self._by_topic = {lane.topics.commands: lane for lane in self.lanes}
+        # One consumer for both command topics: one group member, one rebalance. Its
+        # dispatcher keeps records apart per partition and key, so a till and an account
+        # never wait for each other.
+        self.dispatcher = KeyOrderedDispatcher(
+            self._process,
             max_in_flight=settings.max_in_flight,
             commit_interval_s=settings.commit_interval_ms / 1000,
             drain_timeout_s=settings.drain_timeout_s,
         )
         self.broker = self._broker()
+
+    def _lane(
+        self, name: str, topics: Topics, command_types: Mapping[str, type[BaseModel]]
+    ) -> Lane:
+        pipeline = CommandPipeline(
+            topics,
+            command_types,
+            self.once,
+            self.producer,
+            group_id=self.settings.kafka_group_id,
+            max_record_bytes=self.settings.max_record_bytes,
+        )
+        return Lane(name, topics, command_types, pipeline)
+
+    async def _process(self, record: Record) -> None:
+        await self._by_topic[record.topic].pipeline.process(record)
 
     def _broker(self) -> KafkaBroker:
         settings = self.settings
@@ -129,75 +196,76 @@ class Service:
             # record is only handed to the dispatcher; the pipeline logs the real outcome.
             log_level=logging.DEBUG,
         )
-        subscriber = self._pos_subscriber = broker.subscriber(
-            settings.pos_commands_topic,
+        self.subscriber = broker.subscriber(
+            *(lane.topics.commands for lane in self.lanes),
             group_id=settings.kafka_group_id,
             # A command produced before the group's first start is still a command.
             auto_offset_reset="earliest",
             # Offsets are committed by the dispatcher, per partition, only up to the lowest
             # unfinished record; FastStream's ACK_FIRST default would lose commands.
             ack_policy=AckPolicy.MANUAL,
-            listener=self.pos_dispatcher.listener,
+            listener=self.dispatcher.listener,
             parser=_lenient_parser,
             decoder=_raw_decoder,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             session_timeout_ms=settings.session_timeout_ms,
-            title="pos.commands",
-            description="POS payment commands (CloudEvents 1.0, structured or binary), "
-            "keyed by terminal.",
+            description="Commands (CloudEvents 1.0, structured or binary mode): POS payment "
+            "commands keyed by terminal, prepaid-coupon commands keyed by account.",
         )
-        dispatcher = self.pos_dispatcher
+        dispatcher = self.dispatcher
 
-        @subscriber
-        async def on_pos_command(body: bytes, message: KafkaMessage) -> None:
+        @self.subscriber
+        async def on_command(body: bytes, message: KafkaMessage) -> None:
             record = message.raw_message
             assert not isinstance(record, tuple)  # not a batch subscriber
             await dispatcher.submit(record, message.consumer)
 
-        # Declared for the AsyncAPI document; results are sent by RecordProducer (see there).
-        broker.publisher(
-            settings.pos_results_topic,
-            title="pos.results",
-            description="One result event per POS command, keyed like the command.",
-            schema=ResultEnvelope,
-        )
+        for lane in self.lanes:
+            # Declared for the AsyncAPI document; results go out through RecordProducer.
+            broker.publisher(
+                lane.topics.results,
+                title=lane.topics.results,
+                description=f"One result event per {lane.name} command, keyed like it.",
+                schema=ResultEnvelope,
+            )
         return broker
 
     async def on_startup(self) -> None:
         await self.producer.start()
-        await self.pos_once.start(self._publish_superseding)
+        await self.once.start(self._publish_superseding)
 
     async def _publish_superseding(
         self, record_key: bytes | None, command: CommandEnvelope, answered: Answered
     ) -> None:
-        await self.pos_pipeline.publish_result(record_key, command, answered)
+        lane = next(lane for lane in self.lanes if command.type in lane.command_types)
+        await lane.pipeline.publish_result(record_key, command, answered)
 
     async def readiness(self) -> dict[str, Any]:
         """What an orchestrator needs to know before sending traffic here."""
-        subscriber_running = bool(self._pos_subscriber.running)
         checks = {
             "broker": await self.broker.ping(timeout=5.0),
             "producer": self.producer.started,
-            "consuming": subscriber_running,
+            "consuming": bool(self.subscriber.running),
         }
         return {
             "ready": all(checks.values()),
             **checks,
-            "in_flight": self.pos_dispatcher.in_flight,
+            "in_flight": self.dispatcher.in_flight,
             "partitions": sorted(f"{tp.topic}[{tp.partition}]" for tp in self._assignment()),
         }
 
     async def on_shutdown(self) -> None:
-        # Before the broker stops its consumer: finish in-flight work and commit it.
-        await self.pos_dispatcher.close()
+        # Before the broker stops its consumers: finish in-flight work and commit it.
+        await self.dispatcher.close()
 
     async def after_shutdown(self) -> None:
-        await self.pos_once.stop()
+        await self.once.stop()
         await self.producer.stop()
         await self.evoucher.aclose()
+        await self.epin.aclose()
 
     def _assignment(self) -> set[Any]:
-        consumer = getattr(self._pos_subscriber, "consumer", None)
+        consumer = getattr(self.subscriber, "consumer", None)
         return set(consumer.assignment()) if consumer is not None else set()
 
     def _ready_route(self) -> GetHandler:
@@ -216,10 +284,12 @@ class Service:
         """
         document: dict[str, Any] = self.specification().to_specification().to_jsonable()
         components = document["components"]
-        commands = f"{self.settings.pos_commands_topic}:SubscribeMessage"
-        components["schemas"].pop(f"{self.settings.pos_commands_topic}:Message:Payload", None)
-        components["schemas"]["PosCommand"] = command_schema("PosCommand", POS_COMMAND_TYPES)
-        components["messages"][commands]["payload"] = {"$ref": "#/components/schemas/PosCommand"}
+        components["schemas"].pop("OnCommand:Message:Payload", None)
+        for lane in self.lanes:
+            name = f"{lane.name.capitalize()}Command"
+            components["schemas"][name] = command_schema(name, lane.command_types)
+            message = components["messages"][f"{lane.topics.commands}:OnCommand:SubscribeMessage"]
+            message["payload"] = {"$ref": f"#/components/schemas/{name}"}
         for message in components["messages"].values():
             message.pop("correlationId", None)  # FastStream's header; not part of this contract
         return document

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,6 +60,25 @@ class Handler(Protocol):
     async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData: ...
 
     async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None: ...
+
+
+class RoutedHandler:
+    """One handler made of several, chosen by the command's type."""
+
+    def __init__(self, routes: Mapping[str, Handler]) -> None:
+        self._routes = dict(routes)
+        self.money_moving = frozenset().union(*(h.money_moving for h in self._routes.values()))
+
+    async def handle(
+        self, command: CommandEnvelope, record_key: str | None, before_send: BeforeSend | None
+    ) -> ResultData:
+        return await self._routes[command.type].handle(command, record_key, before_send)
+
+    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+        return await self._routes[command.type].recover(command, record_key)
+
+    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
+        return await self._routes[command.type].settle(command, previous)
 
 
 @dataclass(frozen=True)

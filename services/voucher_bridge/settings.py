@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     epin_api_key: SecretStr | None = None
     epin_accounts: dict[str, EpinAccount] = Field(default_factory=dict)
     epin_refresh_path: str = "user/token/refresh/"
+    epin_connect_timeout_s: float = Field(default=5.0, gt=0)
+    epin_read_timeout_s: float = Field(default=15.0, gt=0)
+    epin_max_connections: int = Field(default=10, gt=0)
+    # Lists follow `next` to the end, but no further than this many pages.
+    epin_max_pages: int = Field(default=100, gt=0)
 
     # Retries of calls that are safe to repeat (a redeem is never resent once it may have
     # arrived): attempts in all, exponential backoff with full jitter.

@@ -18,7 +18,12 @@ async def test_committed_asyncapi_document_is_current() -> None:
 
 async def test_asyncapi_documents_commands_and_results() -> None:
     document = Service(Settings.model_construct()).asyncapi_document()
-    assert {"pos.commands", "pos.results"} <= set(document["channels"])
+    assert {
+        "pos.commands:OnCommand",
+        "coupon.commands:OnCommand",
+        "pos.results",
+        "coupon.results",
+    } <= set(document["channels"])
     command = document["components"]["schemas"]["PosCommand"]
     assert set(command["properties"]["type"]["enum"]) == {
         "pos.bill_total",
@@ -27,3 +32,5 @@ async def test_asyncapi_documents_commands_and_results() -> None:
         "pos.redeem",
         "pos.cancel",
     }
+    coupon = document["components"]["schemas"]["CouponCommand"]
+    assert "coupon.create" in coupon["properties"]["type"]["enum"]
