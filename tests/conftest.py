@@ -14,7 +14,13 @@ import pytest
 
 from tests.support.kafka import create_topic, ensure_kafka, unique_topic
 from voucher_bridge.app import Service
-from voucher_bridge.localstack import Process, free_port, start_sandbox
+from voucher_bridge.localstack import (
+    Process,
+    epin_settings,
+    free_port,
+    start_epin_sandbox,
+    start_sandbox,
+)
 from voucher_bridge.settings import Settings
 
 
@@ -65,18 +71,66 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         process.stop()
 
 
+class EpinSandbox:
+    """The Epin sandbox process and its admin API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.settings = epin_settings(url)
+        self.admin = httpx.Client(base_url=url + "/_sandbox/", timeout=10)
+
+    def add_account(self, coupons: list[dict[str, Any]] | None = None, **user: Any) -> str:
+        """A new user with a wallet and the given coupons; returns the username."""
+        name = f"acct-{uuid.uuid4().hex[:10]}"
+        seed = {
+            "username": name,
+            "password": f"pw-{uuid.uuid4().hex}",
+            "email": f"{name}@example.cy",
+            "mail_token": f"MT-{uuid.uuid4().hex[:8]}",
+            "wallets": [{"wallet_type": "wallet1", "name": "E-Wallet", "balance": "1000.00"}],
+            "coupons": coupons or [],
+            **user,
+        }
+        self.admin.post("users", json=[seed]).raise_for_status()
+        self.users[name] = seed
+        return name
+
+    @property
+    def users(self) -> dict[str, dict[str, Any]]:
+        if not hasattr(self, "_users"):
+            self._users: dict[str, dict[str, Any]] = {}
+        return self._users
+
+    def faults(self, **config: Any) -> None:
+        self.admin.post("faults", json=config).raise_for_status()
+
+    def state(self, **params: str) -> dict[str, Any]:
+        return dict(self.admin.get("state", params=params).json())
+
+
+@pytest.fixture(scope="session")
+def epin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EpinSandbox]:
+    port = free_port()
+    process = start_epin_sandbox(port, tmp_path_factory.mktemp("epin") / "epin.log")
+    try:
+        yield EpinSandbox(f"http://127.0.0.1:{port}")
+    finally:
+        process.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_faults(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if "sandbox" in request.fixturenames:
-        request.getfixturevalue("sandbox").faults(
-            latency_ms=0,
-            latency_jitter_ms=0,
-            error_rate=0,
-            timeout_rate=0,
-            drop_after_apply_rate=0,
-            routes=None,
-        )
+    for name in ("sandbox", "epin"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).faults(
+                latency_ms=0,
+                latency_jitter_ms=0,
+                error_rate=0,
+                timeout_rate=0,
+                drop_after_apply_rate=0,
+                routes=None,
+            )
 
 
 class Stack:
@@ -97,8 +151,23 @@ class Stack:
         self.group = f"vb-{uuid.uuid4().hex[:8]}"
         self.terminals: dict[str, str] = {}
 
+    def use_epin(self, epin: EpinSandbox) -> None:
+        self.epin = epin
+
     def settings(self, **overrides: Any) -> Settings:
+        epin = getattr(self, "epin", None)
+        coupon: dict[str, Any] = {}
+        if epin is not None:
+            coupon = {
+                "epin_base_url": epin.settings["EPIN_BASE_URL"],
+                "epin_api_key": epin.settings["EPIN_API_KEY"],
+                "epin_accounts": {
+                    name: {"username": u["username"], "password": u["password"]}
+                    for name, u in epin.users.items()
+                },
+            }
         values: dict[str, Any] = {
+            **coupon,
             "kafka_bootstrap_servers": self.bootstrap,
             "kafka_group_id": self.group,
             "pos_commands_topic": self.commands,

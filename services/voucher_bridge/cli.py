@@ -36,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     evoucher.add_argument("--drop-after-apply-rate", type=float, default=0.0)
     evoucher.add_argument("--no-strict-session", action="store_true")
 
+    epin = which.add_parser("epin", help="the Epixel Epin coupons API sandbox")
+    epin.add_argument("--host", default="127.0.0.1")
+    epin.add_argument("--port", type=int, default=8082)
+    epin.add_argument("--seed", type=Path, default=Path("deploy/sandbox/epin-seed.json"))
+    epin.add_argument("--latency-ms", type=float, default=0.0)
+    epin.add_argument("--error-rate", type=float, default=0.0)
+    epin.add_argument("--timeout-rate", type=float, default=0.0)
+    epin.add_argument("--drop-after-apply-rate", type=float, default=0.0)
+    epin.add_argument("--access-ttl-s", type=float, default=None)
+
     demo = commands.add_parser("demo", help="play POS sessions through a running service")
     demo.add_argument("--sandbox-url", default="http://127.0.0.1:8081")
     demo.add_argument("--timeout", type=float, default=60.0)
@@ -51,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return _topics(args.partitions)
     if args.command == "asyncapi":
         return _asyncapi(args.out)
+    if args.command == "sandbox" and args.sandbox == "epin":
+        return _sandbox_epin(args)
     if args.command == "sandbox":
         return _sandbox_evoucher(args)
     if args.command == "demo":
@@ -109,6 +121,31 @@ def _sandbox_evoucher(args: argparse.Namespace) -> int:
     serve_evoucher(
         args.host, args.port, args.seed, faults, strict_session=not args.no_strict_session
     )
+    return 0
+
+
+def _sandbox_epin(args: argparse.Namespace) -> int:
+    from voucher_bridge.sandbox import epin_server
+
+    faults = {
+        "latency_ms": args.latency_ms,
+        "error_rate": args.error_rate,
+        "timeout_rate": args.timeout_rate,
+        "drop_after_apply_rate": args.drop_after_apply_rate,
+    }
+    argv = [
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--seed",
+        str(args.seed),
+        "--faults",
+        json.dumps(faults),
+    ]
+    if args.access_ttl_s is not None:
+        argv += ["--access-ttl-s", str(args.access_ttl_s)]
+    epin_server.main(argv)
     return 0
 
 

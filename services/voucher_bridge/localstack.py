@@ -87,13 +87,56 @@ def start_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EVOUCHER_
         {},
         log_path,
     )
+    _wait_healthy(process, port, log_path)
+    return process
+
+
+EPIN_SEED = PROJECT_ROOT / "deploy" / "sandbox" / "epin-seed.json"
+EPIN_PREFIX = "/api/v1/"
+
+
+def start_epin_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EPIN_SEED) -> Process:
+    process = Process(
+        [
+            sys.executable,
+            "-m",
+            "voucher_bridge.cli",
+            "sandbox",
+            "epin",
+            "--port",
+            str(port),
+            "--seed",
+            str(seed),
+            *extra,
+        ],
+        {},
+        log_path,
+    )
+    _wait_healthy(process, port, log_path)
+    return process
+
+
+def epin_settings(url: str, seed: Path = EPIN_SEED) -> dict[str, str]:
+    """EPIN_BASE_URL, EPIN_API_KEY and EPIN_ACCOUNTS (every seeded user) for a sandbox."""
+    data = json.loads(seed.read_text())
+    accounts = {
+        u["username"]: {"username": u["username"], "password": u["password"]} for u in data["users"]
+    }
+    return {
+        "EPIN_BASE_URL": url + EPIN_PREFIX.rstrip("/"),
+        "EPIN_API_KEY": data["api_key"],
+        "EPIN_ACCOUNTS": json.dumps(accounts),
+    }
+
+
+def _wait_healthy(process: Process, port: int, log_path: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not process.alive():
             raise RuntimeError(f"sandbox exited; see {log_path}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/_sandbox/health", timeout=1).is_success:
-                return process
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
