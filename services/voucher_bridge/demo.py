@@ -1,12 +1,15 @@
-"""`make demo`: the service doing its job end to end, against the local broker and the sandbox.
+"""`make demo`: the service doing its job end to end, against the local broker and sandboxes.
 
-Starts the eVOUCHER sandbox and the service as processes, plays two POS sessions through Kafka
-(a bill, scans including refused ones, a removal, a redeem of two vouchers; and a cancelled
-payment), prints each command with its result and trace id, and stops what it started.
+Starts the eVOUCHER and Epin sandboxes and the service as processes, plays two POS sessions
+through Kafka (a bill, scans including refused ones, a removal, a redeem of two vouchers; and a
+cancelled payment) and a back-office coupon flow (list, transfer, a share refused for its
+balance, create, history), prints each command with its result and trace id, and stops what it
+started.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,17 +18,21 @@ from typing import Any
 
 from voucher_bridge.kafka.admin import ensure_topics
 from voucher_bridge.localstack import (
+    EPIN_SEED,
     PROJECT_ROOT,
     CommandProducer,
+    ReceivedResult,
     ResultReader,
     SentCommand,
+    epin_settings,
     free_port,
     seed_tokens,
+    start_epin_sandbox,
     start_sandbox,
     start_service,
     trace_id_of,
 )
-from voucher_bridge.settings import load_settings
+from voucher_bridge.settings import Settings, load_settings
 
 TILL_1 = "limassol-3-till-1"
 TILL_2 = "limassol-3-till-2"
@@ -57,65 +64,135 @@ async def play(sandbox_url: str | None = None, *, timeout_s: float = 60.0) -> in
     run_dir = PROJECT_ROOT / "var" / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
     await ensure_topics(settings)
-    port = free_port()
+    port, epin_port = free_port(), free_port()
     sandbox = start_sandbox(port, run_dir / "sandbox.log")
+    epin = start_epin_sandbox(epin_port, run_dir / "epin-sandbox.log")
     env = {
         "EVOUCHER_BASE_URL": f"http://127.0.0.1:{port}",
         "EVOUCHER_TERMINALS": json.dumps(seed_tokens()),
+        **epin_settings(f"http://127.0.0.1:{epin_port}"),
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "KAFKA_GROUP_ID": settings.kafka_group_id,
     }
     service = start_service(env, run_dir / "service.log")
+    bootstrap = settings.kafka_bootstrap_servers
     try:
         started = time.monotonic()
         async with (
             CommandProducer(
-                settings.kafka_bootstrap_servers,
-                settings.pos_commands_topic,
-                source="/stores/limassol-3/pos",
+                bootstrap, settings.pos_commands_topic, source="/stores/limassol-3/pos"
             ) as producer,
-            ResultReader(settings.kafka_bootstrap_servers, settings.pos_results_topic) as reader,
+            ResultReader(bootstrap, settings.pos_results_topic) as reader,
         ):
             sent: list[SentCommand] = []
             for terminal, type_, data in SESSIONS:
                 sent.append(await producer.send(type_, terminal, data, binary=len(sent) % 2 == 1))
             results = await reader.wait_for({c.id for c in sent}, timeout_s)
+        print("POS sessions (pos.commands → pos.results)\n")
+        ok = _report(sent, results)
+        coupon_sent, coupon_results = await _coupon_flow(settings, timeout_s)
+        print("\nBack-office coupons (coupon.commands → coupon.results)\n")
+        ok = _report(coupon_sent, coupon_results) and ok
         elapsed = time.monotonic() - started
-        by_id = {r.data["command_id"]: r for r in results}
-        _print_table(sent, by_id)
-        same_trace = all(
-            trace_id_of(by_id[c.id].traceparent) == trace_id_of(c.traceparent) for c in sent
-        )
         print(
-            f"\n{len(sent)} commands, {len(by_id)} results in {elapsed:.1f}s; "
-            f"every result carries its command's trace: {'yes' if same_trace else 'NO'}"
+            f"\n{len(sent) + len(coupon_sent)} commands answered in {elapsed:.1f}s; every "
+            f"result carries its command's trace: {'yes' if ok else 'NO'}"
         )
-        print(f"logs: {_rel(run_dir)}/service.log, {_rel(run_dir)}/sandbox.log")
-        return 0 if same_trace and len(by_id) == len(sent) else 1
+        print(f"logs: {_rel(run_dir)}/service.log, sandbox.log, epin-sandbox.log")
+        return 0 if ok else 1
     finally:
         service.stop()
         sandbox.stop()
+        epin.stop()
+
+
+async def _coupon_flow(
+    settings: Settings, timeout_s: float
+) -> tuple[list[SentCommand], list[ReceivedResult]]:
+    """List, transfer, a share refused for its balance, a fresh form key, create, history."""
+    account = "backoffice-cy"
+    token = _mail_token(account)
+    sent: list[SentCommand] = []
+    async with (
+        CommandProducer(
+            settings.kafka_bootstrap_servers,
+            settings.coupon_commands_topic,
+            source="/backoffice/cy",
+        ) as producer,
+        ResultReader(settings.kafka_bootstrap_servers, settings.coupon_results_topic) as reader,
+    ):
+        plan: list[tuple[str, dict[str, Any] | None]] = [
+            ("coupon.list_active", {"wallet": "wallet1"}),
+            ("coupon.transfer", {"user": "shop-limassol", "epin": 1001}),
+            ("coupon.share", {"email": "guest@example.cy", "epin": 1005, "share_amount": "500"}),
+            ("coupon.share", {"email": "guest@example.cy", "epin": 1005, "share_amount": "5"}),
+            ("coupon.list_wallets", None),
+        ]
+        for type_, data in plan:
+            sent.append(await producer.send(type_, account, data))
+        results = await reader.wait_for({c.id for c in sent}, timeout_s)
+        wallets = next(r for r in results if r.data["command_id"] == sent[-1].id)
+        create = {
+            "wallet_type": "wallet1",
+            "epin_amount": "25",
+            "number_of_pins": 2,
+            "transferable": True,
+            "reusable": False,
+            "token_field": token,
+            "token_checksum_field": hashlib.sha256(token.encode()).hexdigest()[:16],
+            "form_key": wallets.data.get("form_key", ""),
+        }
+        sent.append(await producer.send("coupon.create", account, create))
+        sent.append(await producer.send("coupon.history", account, {"wallet": "wallet1"}))
+        results = await reader.wait_for({c.id for c in sent}, timeout_s)
+    return sent, results
+
+
+def _mail_token(account: str) -> str:
+    # The back office receives it by mail; the demo reads the sandbox's seed.
+    seed = json.loads(EPIN_SEED.read_text())
+    return str(next(u["mail_token"] for u in seed["users"] if u["username"] == account))
+
+
+def _report(sent: list[SentCommand], results: list[ReceivedResult]) -> bool:
+    by_id = {r.data["command_id"]: r for r in results}
+    _print_table(sent, by_id)
+    return len(by_id) == len(sent) and all(
+        trace_id_of(by_id[c.id].traceparent) == trace_id_of(c.traceparent) for c in sent
+    )
 
 
 def _print_table(sent: list[SentCommand], by_id: dict[str, Any]) -> None:
-    rows = [("terminal", "command", "data", "outcome", "detail", "trace id")]
+    rows = [("subject", "command", "data", "outcome", "detail", "trace id")]
     for command in sent:
         data = by_id[command.id].data
         detail = data.get("reason") or ""
-        for extra in ("amount", "expires_on", "voucher_codes"):
+        for extra in (
+            "amount",
+            "expires_on",
+            "voucher_codes",
+            "count",
+            "user",
+            "balance",
+            "refund_status",
+        ):
             if extra in data and data["outcome"] in ("succeeded", "rejected"):
                 value = data[extra]
                 value = ",".join(value) if isinstance(value, list) else value
                 detail = f"{detail} {extra}={value}".strip()
         if data.get("reason") == "upstream_rejected":
             detail += f" {data.get('upstream', {}).get('last_status')} {data.get('message')!r}"
+        if data.get("coupons") and data["command_type"] == "coupon.create":
+            detail += " created=" + ",".join(str(c.get("id")) for c in data["coupons"])
+        if data.get("form_key"):
+            detail += " form_key=…"
         if data.get("errors"):
             detail += " " + "; ".join(f"{k}: {' '.join(v)}" for k, v in data["errors"].items())
         rows.append(
             (
                 command.subject,
                 command.type,
-                json.dumps(command.data, separators=(",", ":")) if command.data else "",
+                _shown(command.data),
                 data["outcome"],
                 detail[:60],
                 trace_id_of(by_id[command.id].traceparent) or "",
@@ -126,6 +203,17 @@ def _print_table(sent: list[SentCommand], by_id: dict[str, Any]) -> None:
         print("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def _shown(data: dict[str, Any] | None) -> str:
+    if not data:
+        return ""
+    hidden = {
+        k: ("…" if k in ("token_field", "token_checksum_field", "form_key") else v)
+        for k, v in data.items()
+    }
+    text = json.dumps(hidden, separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def _rel(path: Path) -> str:
