@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import EpinSandbox, Stack
 from voucher_bridge.localstack import (
     CommandProducer,
     Process,
@@ -28,8 +28,20 @@ SESSIONS_PER_TILL = 5  # each: bill, two scans, then a redeem of both (or a canc
 KILLS = 8
 
 
+ACCOUNTS = 10
+COUPONS_PER_ACCOUNT = 12  # a third transferred, a third shared from, a third deleted
+
+
 def _env(s: Stack) -> dict[str, str]:
+    epin = s.epin.settings
+    accounts = {n: {"username": n, "password": u["password"]} for n, u in s.epin.users.items()}
     return {
+        "COUPON_COMMANDS_TOPIC": s.coupon_commands,
+        "COUPON_RESULTS_TOPIC": s.coupon_results,
+        "EPIN_BASE_URL": epin["EPIN_BASE_URL"],
+        "EPIN_API_KEY": epin["EPIN_API_KEY"],
+        "EPIN_ACCOUNTS": json.dumps(accounts),
+        "EPIN_READ_TIMEOUT_S": "1",
         "KAFKA_BOOTSTRAP_SERVERS": s.bootstrap,
         "KAFKA_GROUP_ID": s.group,
         "POS_COMMANDS_TOPIC": s.commands,
@@ -51,25 +63,55 @@ def _env(s: Stack) -> dict[str, str]:
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
-    stack: Any, tmp_path: Path
+    stack: Any, epin: EpinSandbox, tmp_path: Path
 ) -> None:
     s: Stack = await stack(partitions=6)
+    s.use_epin(epin)
     rng = random.Random(20261121)
+    first_coupon = random.Random().randint(10_000_000, 90_000_000)
+    accounts = [
+        epin.add_account(
+            coupons=[
+                {"id": first_coupon + a * COUPONS_PER_ACCOUNT + i, "balance": "40.00"}
+                for i in range(COUPONS_PER_ACCOUNT)
+            ]
+        )
+        for a in range(ACCOUNTS)
+    ]
     tills = [s.terminal() for _ in range(TILLS)]
     vouchers = {t: s.sandbox.add_vouchers(*["10.00"] * (2 * SESSIONS_PER_TILL)) for t in tills}
     redeem_codes: dict[str, list[str]] = {}
     before = s.sandbox.admin.get("state", params={"vouchers": "0"}).json()["totals"]
-    s.sandbox.faults(
-        latency_ms=2,
-        latency_jitter_ms=8,
-        error_rate=0.03,
-        timeout_rate=0.01,
-        timeout_sleep_s=2,
-        drop_after_apply_rate=0.04,
-        seed=7,
-    )
+    faults = {
+        "latency_ms": 2,
+        "latency_jitter_ms": 8,
+        "error_rate": 0.03,
+        "timeout_rate": 0.01,
+        "timeout_sleep_s": 2,
+        "drop_after_apply_rate": 0.04,
+        "seed": 7,
+    }
+    s.sandbox.faults(**faults)
+    epin.faults(**faults)
 
     sent: list[SentCommand] = []
+    # Coupon commands: each coupon is moved by exactly one command.
+    coupon_commands: dict[str, tuple[str, int, str]] = {}  # id → (type, coupon, target)
+    async with CommandProducer(s.bootstrap, s.coupon_commands, source="/backoffice") as producer:
+        for i in range(COUPONS_PER_ACCOUNT):
+            for a, account in enumerate(accounts):
+                coupon = first_coupon + a * COUPONS_PER_ACCOUNT + i
+                target = accounts[(a + 1) % ACCOUNTS]
+                if i % 3 == 0:
+                    data: dict[str, Any] = {"user": target, "epin": coupon}
+                    command = await producer.send("coupon.transfer", account, data)
+                elif i % 3 == 1:
+                    data = {"email": "x@example.cy", "epin": coupon, "share_amount": "15"}
+                    command = await producer.send("coupon.share", account, data)
+                else:
+                    command = await producer.send("coupon.delete", account, {"epin": coupon})
+                coupon_commands[command.id] = (command.type, coupon, target)
+                sent.append(command)
     async with CommandProducer(s.bootstrap, s.commands) as producer:
         for session in range(SESSIONS_PER_TILL):
             for till in tills:
@@ -86,7 +128,11 @@ async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
     ids = {c.id for c in sent}
     logs = tmp_path / "logs"
 
-    async with ResultReader(s.bootstrap, s.results) as reader:
+    async with (
+        ResultReader(s.bootstrap, s.results) as pos_reader,
+        ResultReader(s.bootstrap, s.coupon_results) as coupon_reader,
+    ):
+        reader = _Both(pos_reader, coupon_reader)
         # Phase 1: kill -9 at random moments.
         for n in range(KILLS):
             service = start_service(_env(s), logs / f"run-{n}.log")
@@ -99,12 +145,17 @@ async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
         second.stop()
         try:
             await _wait_all(reader, ids, first, timeout_s=240)
+            # The faults stop, so that what is indeterminate can settle; then read on.
+            injected = _injected(s, epin)
+            s.sandbox.faults(error_rate=0, timeout_rate=0, drop_after_apply_rate=0)
+            epin.faults(error_rate=0, timeout_rate=0, drop_after_apply_rate=0)
+            await _run_for(reader, 4.0)
             await reader.settle(2.0)
         finally:
             first.stop()
 
     after = s.sandbox.admin.get("state", params={"vouchers": "0"}).json()
-    injected = after["faults"]["injected"]
+    epin_state = epin.state()
     results = reader.for_commands(ids)
     final: dict[str, dict[str, Any]] = {}
     by_result_id: dict[str, dict[str, Any]] = {}
@@ -126,12 +177,12 @@ async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
     assert after["totals"]["double_redemptions"] == before["double_redemptions"]
     assert all(v["redeem_count"] <= 1 for v in state.values())
 
-    # No result contradicts what the sandbox recorded; indeterminate only for redeems.
+    # No result contradicts what the sandbox recorded; indeterminate only for money movers.
     outcomes: Counter[str] = Counter()
     for command_id, data in final.items():
         outcomes[f"{data['command_type']}:{data['outcome']}"] += 1
         if data["outcome"] == "indeterminate":
-            assert data["command_type"] == "pos.redeem"
+            assert data["command_type"] in ("pos.redeem", *_MONEY_MOVING_COUPONS)
         if command_id not in redeem_codes:
             continue
         counts = {state[c]["redeem_count"] for c in redeem_codes[command_id]}
@@ -139,31 +190,76 @@ async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
             assert counts == {1}, (data, counts)
         elif data["outcome"] in ("rejected", "failed"):
             assert counts == {0}, (data, counts)
-    indeterminate = outcomes["pos.redeem:indeterminate"]
+
+    # No coupon moved twice; each final result agrees with what the Epin sandbox recorded.
+    recorded_by_id = {c["id"]: c for c in epin_state["coupons"]}
+    for command_id, (type_, coupon, target) in coupon_commands.items():
+        data, recorded = final[command_id], recorded_by_id[coupon]
+        assert recorded["transfers"] <= 1 and recorded["shares"] <= 1, recorded
+        assert recorded["deletes"] <= 1, recorded
+        done = {
+            "coupon.transfer": recorded["transfers"],
+            "coupon.share": recorded["shares"],
+            "coupon.delete": recorded["deletes"],
+        }[type_]
+        if data["outcome"] == "succeeded":
+            assert done == 1, (data, recorded)
+        elif data["outcome"] in ("rejected", "failed"):
+            assert done == 0, (data, recorded)
+        if type_ == "coupon.transfer" and done:
+            assert recorded["owner"] == target
+
+    indeterminate = sum(n for k, n in outcomes.items() if k.endswith(":indeterminate"))
     print(
-        f"\ncrash test ({s.store_url.split(':')[0]}): {len(sent)} commands, "
-        f"{len(redeem_codes)} redeems, {KILLS} SIGKILLs + a rebalance; "
-        f"{len(results)} results ({len(results) - len(ids)} replays or superseding); "
-        f"faults injected {injected}; final outcomes {dict(sorted(outcomes.items()))}; "
-        f"indeterminate redeems: {indeterminate}"
+        f"\ncrash test ({s.store_url.split(':')[0]}): {len(sent)} commands "
+        f"({len(redeem_codes)} redeems, {len(coupon_commands)} coupon transfers, shares and "
+        f"deletes), {KILLS} SIGKILLs + a rebalance; {len(results)} results "
+        f"({len(results) - len(ids)} replays or superseding); faults injected {injected}; "
+        f"final outcomes {dict(sorted(outcomes.items()))}; indeterminate: {indeterminate}"
     )
-    # An indeterminate redeem needs a lost or failed answer, or a crash mid-call.
+    # An indeterminate result needs a lost or failed answer, or a crash mid-call.
     assert indeterminate <= sum(injected.values()) + KILLS
+
+
+_MONEY_MOVING_COUPONS = ("coupon.transfer", "coupon.share", "coupon.delete", "coupon.create")
+
+
+def _injected(s: Stack, epin: EpinSandbox) -> dict[str, int]:
+    evoucher = s.sandbox.admin.get("state", params={"vouchers": "0"}).json()
+    counts = Counter(evoucher["faults"]["injected"])
+    counts.update(epin.state(coupons="0")["faults"]["injected"])
+    return dict(counts)
+
+
+class _Both:
+    """Two result readers read as one."""
+
+    def __init__(self, *readers: ResultReader) -> None:
+        self._readers = readers
+
+    async def poll(self, timeout_s: float = 0.2) -> None:
+        for reader in self._readers:
+            await reader.poll(timeout_s / len(self._readers))
+
+    async def settle(self, quiet_s: float = 1.0) -> None:
+        for reader in self._readers:
+            await reader.settle(quiet_s)
+
+    def for_commands(self, ids: set[str]) -> list[Any]:
+        return [r for reader in self._readers for r in reader.for_commands(ids)]
 
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != "upstream"}
 
 
-async def _run_for(reader: ResultReader, seconds: float) -> None:
+async def _run_for(reader: _Both, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         await reader.poll(0.2)
 
 
-async def _wait_all(
-    reader: ResultReader, ids: set[str], service: Process, timeout_s: float
-) -> None:
+async def _wait_all(reader: _Both, ids: set[str], service: Process, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         answered = {r.data["command_id"] for r in reader.for_commands(ids)}
