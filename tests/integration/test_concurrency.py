@@ -1,0 +1,123 @@
+"""Key-ordered concurrency through the real broker: what runs at once, what is committed when,
+and what a slow upstream or a rebalance does to it. (Ordering per till:
+test_pos_flow.py::test_two_terminals_interleaved_on_one_partition_keep_their_own_order.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.conftest import Stack
+from voucher_bridge.localstack import CommandProducer, ResultReader
+
+
+def _calls(s: Stack, route: str) -> int:
+    totals = s.sandbox.admin.get("state", params={"vouchers": "0"}).json()["totals"]
+    return int(totals["calls"][route])
+
+
+async def _committed(s: Stack, partition: int = 0) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap, group_id=s.group)
+    await consumer.start()
+    try:
+        committed: int | None = await consumer.committed(TopicPartition(s.commands, partition))
+        return committed
+    finally:
+        await consumer.stop()
+
+
+async def test_different_tills_on_one_partition_run_concurrently(stack: Any) -> None:
+    """20 tills, one command each, 300 ms a call, ONE partition: one at a time would take 6 s."""
+    s: Stack = await stack(partitions=1)
+    tills = [s.terminal() for _ in range(20)]
+    async with (
+        s.service(),
+        CommandProducer(s.bootstrap, s.commands) as producer,
+        ResultReader(s.bootstrap, s.results) as reader,
+    ):
+        warm = await producer.send("pos.bill_total", tills[0], {"bill_total": 1})
+        await reader.wait_for({warm.id}, 30)
+        s.sandbox.faults(latency_ms=300)
+        started = time.monotonic()
+        sent = [await producer.send("pos.bill_total", t, {"bill_total": 2}) for t in tills]
+        await reader.wait_for({c.id for c in sent}, 30)
+        elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"20 calls of 300 ms took {elapsed:.1f}s: not concurrent"
+
+
+async def test_no_offset_is_committed_past_an_unfinished_record(stack: Any) -> None:
+    """A slow first record (4 s) and twenty quick ones behind it on the same partition: the
+    quick ones are answered at once, but the committed offset stays at the slow one until it
+    is done."""
+    s: Stack = await stack(partitions=1)
+    slow_till, *tills = [s.terminal() for _ in range(21)]
+    async with (
+        s.service(),
+        CommandProducer(s.bootstrap, s.commands) as producer,
+        ResultReader(s.bootstrap, s.results) as reader,
+    ):
+        warm = await producer.send("pos.bill_total", slow_till, {"bill_total": 1})
+        await reader.wait_for({warm.id}, 30)
+        await asyncio.sleep(0.5)  # its offset committed
+        base = await _committed(s)
+        assert base is not None
+        s.sandbox.faults(latency_ms=4000, routes=["remove_voucher_api"])
+        slow = await producer.send("pos.remove", slow_till, {"voucher_code": "1"})
+        quick = [await producer.send("pos.bill_total", t, {"bill_total": 2}) for t in tills]
+        await reader.wait_for({c.id for c in quick}, 10)
+        await asyncio.sleep(0.6)  # several commit intervals
+        assert not reader.for_commands({slow.id}), "the slow one should still be running"
+        assert await _committed(s) == base  # held at the slow record's offset
+        await reader.wait_for({slow.id}, 15)
+        await asyncio.sleep(0.6)
+        assert await _committed(s) == base + 1 + len(quick)
+
+
+async def test_a_slow_upstream_never_costs_the_group_membership(stack: Any) -> None:
+    """Calls slower than max_poll_interval_ms with few slots in flight: fetching pauses but the
+    consumer keeps polling, so it stays in the group: nothing is redelivered or answered twice."""
+    s: Stack = await stack(partitions=2)
+    tills = [s.terminal() for _ in range(8)]
+    async with (
+        s.service(max_in_flight=2, max_poll_interval_ms=3000, session_timeout_ms=6000),
+        CommandProducer(s.bootstrap, s.commands) as producer,
+        ResultReader(s.bootstrap, s.results) as reader,
+    ):
+        warm = await producer.send("pos.bill_total", tills[0], {"bill_total": 1})
+        await reader.wait_for({warm.id}, 30)
+        s.sandbox.faults(latency_ms=3500, routes=["bill_total_api"])
+        calls = _calls(s, "bill_total_api")
+        sent = [await producer.send("pos.bill_total", t, {"bill_total": 2}) for t in tills]
+        await reader.wait_for({c.id for c in sent}, 60)
+        await reader.settle(2.0)
+    assert len(reader.for_commands({c.id for c in sent})) == len(sent)  # once each
+    assert _calls(s, "bill_total_api") - calls == len(sent)
+
+
+async def test_a_revoked_partition_is_finished_and_committed_before_it_moves(
+    stack: Any,
+) -> None:
+    """Instance A is in the middle of a slow call when instance B joins: A finishes it and
+    commits before giving the partition up, so B neither calls the upstream again for it nor
+    answers it again."""
+    s: Stack = await stack(partitions=2)
+    tills = [s.terminal() for _ in range(8)]
+    async with (
+        CommandProducer(s.bootstrap, s.commands) as producer,
+        ResultReader(s.bootstrap, s.results) as reader,
+        s.service(),
+    ):
+        warm = [await producer.send("pos.bill_total", t, {"bill_total": 1}) for t in tills]
+        await reader.wait_for({c.id for c in warm}, 30)
+        s.sandbox.faults(latency_ms=3000, routes=["remove_voucher_api"])
+        calls = _calls(s, "remove_voucher_api")
+        slow = [await producer.send("pos.remove", t, {"voucher_code": "1"}) for t in tills]
+        await asyncio.sleep(1.0)  # A is in the middle of them
+        async with s.service():  # B joins: A's partitions are revoked and rebalanced
+            await reader.wait_for({c.id for c in slow}, 30)
+            await reader.settle(1.5)
+    assert len(reader.for_commands({c.id for c in slow})) == len(slow)  # answered once each
+    assert _calls(s, "remove_voucher_api") - calls == len(slow)  # called once each
