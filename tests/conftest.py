@@ -120,17 +120,23 @@ def epin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EpinSandbox]:
 
 @pytest.fixture(autouse=True)
 def _no_faults(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, the shared sandboxes go back to answering without faults."""
+    sandboxes = [
+        value
+        for name in ("sandbox", "epin")
+        if name in request.fixturenames
+        and isinstance(value := request.getfixturevalue(name), Sandbox | EpinSandbox)
+    ]
     yield
-    for name in ("sandbox", "epin"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).faults(
-                latency_ms=0,
-                latency_jitter_ms=0,
-                error_rate=0,
-                timeout_rate=0,
-                drop_after_apply_rate=0,
-                routes=None,
-            )
+    for sandbox in sandboxes:
+        sandbox.faults(
+            latency_ms=0,
+            latency_jitter_ms=0,
+            error_rate=0,
+            timeout_rate=0,
+            drop_after_apply_rate=0,
+            routes=None,
+        )
 
 
 class Stack:

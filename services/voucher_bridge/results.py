@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
 
@@ -39,3 +40,33 @@ def result(command: CommandEnvelope, decision: Decision, report: UpstreamReport)
         upstream=report,
         **decision.details,
     )
+
+
+def precheck(
+    command: CommandEnvelope,
+    record_key: str | None,
+    model: type[BaseModel],
+    known: Callable[[str], bool],
+    unknown_reason: str,
+) -> tuple[Any, ResultData | None]:
+    """What every command goes through before any call: its data valid, its subject the
+    record's key, its subject (a till, an account) one the service has credentials for.
+    Returns the data, or the result that answers the command without a call."""
+    try:
+        data = model.model_validate(command.data or {})
+    except ValidationError as exc:
+        return None, result(command, invalid(exc), UpstreamReport())
+    if record_key is not None and record_key != command.subject:
+        decision = Decision(
+            Outcome.REJECTED,
+            "validation_error",
+            "subject must equal the record key",
+            {"errors": {"subject": ["must equal the record key"]}},
+        )
+        return None, result(command, decision, UpstreamReport())
+    if not known(command.subject):
+        message = f"no credentials for {command.subject}"
+        return None, result(
+            command, Decision(Outcome.REJECTED, unknown_reason, message), UpstreamReport()
+        )
+    return data, None

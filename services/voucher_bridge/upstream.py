@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,3 +39,53 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class Attempts(Generic[T]):
+    """How a call went: its last answer (None if none came), and whether it may have arrived."""
+
+    outcome: T | None
+    attempts: int
+    may_have_reached: bool
+
+
+async def call_with_retries(
+    send: Callable[[], Awaitable[T]],
+    status: Callable[[T], int],
+    *,
+    moves_money: bool,
+    retry: RetryPolicy,
+) -> Attempts[T]:
+    """Send, and again while it is safe and useful: after no connection, a 429 (turned away,
+    not applied), or, for a call that does not move money, a timeout, a dropped connection or
+    a 5xx. A call that moves money is never sent again once it may have arrived."""
+    attempts, outcome, may_have_reached = 0, None, False
+    while True:
+        attempts += 1
+        try:
+            outcome = await send()
+        except CallNotSent:
+            retryable = True
+        except CallOutcomeUnknown:
+            may_have_reached = True
+            retryable = not moves_money
+        else:
+            code = status(outcome)
+            retryable = code == 429 or (code >= 500 and not moves_money)
+            if not retryable:
+                return Attempts(outcome, attempts, may_have_reached)
+        if not retryable or attempts >= retry.attempts:
+            return Attempts(outcome, attempts, may_have_reached)
+        await asyncio.sleep(retry.delay(attempts))
+
+
+def money(value: Any) -> Decimal | None:
+    """An amount the upstream sent (a string, an integer or an exact decimal), to the cent;
+    None for anything else, a float included."""
+    if value is None or isinstance(value, bool | float):
+        return None
+    try:
+        return Decimal(str(value)).quantize(Decimal("0.01"))
+    except InvalidOperation:
+        return None

@@ -11,19 +11,23 @@ again, so the key is never burnt by a retry of ours.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
-
-from pydantic import ValidationError
 
 from voucher_bridge.epin.client import EpinClient, Unauthorized
 from voucher_bridge.epin.decisions import MONEY_MOVING, PAGINATED, decide, request_for
-from voucher_bridge.results import Decision, invalid, result
-from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, RetryPolicy
+from voucher_bridge.results import Decision, precheck, result
+from voucher_bridge.upstream import (
+    Answer,
+    CallNotSent,
+    CallOutcomeUnknown,
+    RetryPolicy,
+    call_with_retries,
+    money,
+)
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
 from voucher_contracts.coupon import (
     COUPON_COMMAND_TYPES,
@@ -53,69 +57,44 @@ class CouponCommandHandler:
     ) -> ResultData:
         started = time.monotonic()
         since = time.time()
-        try:
-            data: CouponCommandData = COUPON_COMMAND_TYPES[command.type].model_validate(
-                command.data or {}
-            )  # type: ignore[assignment]
-        except ValidationError as exc:
-            return result(command, invalid(exc), UpstreamReport())
-        if record_key is not None and record_key != command.subject:
-            decision = Decision(
-                Outcome.REJECTED,
-                "validation_error",
-                "subject must equal the record key (the account)",
-                {"errors": {"subject": ["must equal the record key"]}},
-            )
-            return result(command, decision, UpstreamReport())
+        data, answered = precheck(
+            command,
+            record_key,
+            COUPON_COMMAND_TYPES[command.type],
+            self._client.knows,
+            "unknown_account",
+        )
+        if answered is not None:
+            return answered
         account = command.subject
-        if not self._client.knows(account):
-            decision = Decision(
-                Outcome.REJECTED, "unknown_account", f"no credentials for {account}"
-            )
-            return result(command, decision, UpstreamReport())
-
-        money = command.type in MONEY_MOVING
+        moves_money = command.type in MONEY_MOVING
         before: Decimal | None = None
         if isinstance(data, Share):
             # The coupon's balance now, so that a lost answer can be told from the balance.
             before = await self._balance_or_none(account, data.epin)
-        if money and before_send is not None:
+        if moves_money and before_send is not None:
             await before_send()
         request = request_for(data)
-        attempts, answer, listed, may_have_reached = 0, None, None, False
-        while True:
-            attempts += 1
-            try:
-                if command.type in PAGINATED:
-                    answer, listed = await self._client.call_all_pages(
-                        account, request.path, request.params
-                    )
-                else:
-                    answer = await self._client.call(
-                        account,
-                        request.method,
-                        request.path,
-                        params=request.params,
-                        form=request.form,
-                    )
-            except Unauthorized as exc:
-                decision = Decision(Outcome.FAILED, "unauthorized", exc.message)
-                return result(command, decision, _report(attempts, None, started))
-            except CallNotSent:
-                retryable = True
-            except CallOutcomeUnknown:
-                may_have_reached = True
-                retryable = not money
-            else:
-                retryable = answer.status == 429 or (answer.status >= 500 and not money)
-                if not retryable:
-                    break
-            if not retryable or attempts >= self._retry.attempts:
-                break
-            await asyncio.sleep(self._retry.delay(attempts))
 
+        async def send() -> tuple[Answer, list[dict[str, Any]] | None]:
+            if command.type in PAGINATED:
+                return await self._client.call_all_pages(account, request.path, request.params)
+            answer = await self._client.call(
+                account, request.method, request.path, params=request.params, form=request.form
+            )
+            return answer, None
+
+        try:
+            tried = await call_with_retries(
+                send, lambda sent: sent[0].status, moves_money=moves_money, retry=self._retry
+            )
+        except Unauthorized as exc:
+            decision = Decision(Outcome.FAILED, "unauthorized", exc.message)
+            return result(command, decision, _report(1, None, started))
+        answer, listed = tried.outcome if tried.outcome is not None else (None, None)
+        attempts, may_have_reached = tried.attempts, tried.may_have_reached
         decision = self._decision(command.type, data, answer, listed, may_have_reached)
-        if decision.outcome is Outcome.INDETERMINATE and money:
+        if decision.outcome is Outcome.INDETERMINATE and moves_money:
             decision = await self._reconcile(account, data, decision, before, since)
         return result(command, decision, _report(attempts, answer, started))
 
@@ -199,7 +178,7 @@ class CouponCommandHandler:
                     return unknown
                 case Create(wallet_type=wallet, epin_amount=amount, number_of_pins=pins):
                     found = await self._history_count(
-                        account, "create", since, wallet=wallet, amount=_decimal(amount)
+                        account, "create", since, wallet=wallet, amount=money(amount)
                     )
                     if found is not None and found == int(pins):
                         return _applied("the coupons are in the history", {})
@@ -223,7 +202,7 @@ class CouponCommandHandler:
             return None
         for coupon in coupons:
             if str(coupon.get("id")) == epin:
-                return _decimal(coupon.get("balance"))
+                return money(coupon.get("balance"))
         # An emptied coupon leaves the active list.
         return Decimal("0.00") if gone_is_zero else None
 
@@ -247,7 +226,7 @@ class CouponCommandHandler:
         return any(
             e.get("action") == action
             and str(e.get("epin")) == epin
-            and _decimal(e.get("amount")) == amount
+            and money(e.get("amount")) == amount
             and _after(e.get("date"), since)
             for e in entries or []
         )
@@ -263,7 +242,7 @@ class CouponCommandHandler:
             for e in entries
             if e.get("action") == action
             and e.get("wallet_type") == wallet
-            and _decimal(e.get("amount")) == amount
+            and money(e.get("amount")) == amount
             and _after(e.get("date"), since)
         )
 
@@ -281,15 +260,6 @@ def _not_applied(message: str) -> Decision:
         f"reconciled: {message}; the command may be sent again",
         {"reconciled": True},
     )
-
-
-def _decimal(value: Any) -> Decimal | None:
-    if value is None or isinstance(value, bool | float):
-        return None
-    try:
-        return Decimal(str(value)).quantize(Decimal("0.01"))
-    except InvalidOperation:
-        return None
 
 
 def _after(value: Any, since: float) -> bool:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import re
 from datetime import date
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from voucher_bridge.evoucher.client import Route
 from voucher_bridge.results import Decision
-from voucher_bridge.upstream import Answer
+from voucher_bridge.upstream import Answer, money
 from voucher_contracts import Outcome
 from voucher_contracts.pos import BillTotal, Cancel, PosCommandData, Redeem, Remove, Scan
 
@@ -112,21 +111,12 @@ def _success_details(data: PosCommandData, body: dict[str, Any]) -> dict[str, An
         case BillTotal(bill_total=total):
             return {"bill_total": total}
         case Scan(voucher_code=code):
-            return {"voucher_code": code, "amount": _money(body.get("price"))}
+            return {"voucher_code": code, "amount": money(body.get("price"))}
         case Remove(voucher_code=code):
             return {"voucher_code": code}
         case Redeem(voucher_codes=codes) | Cancel(voucher_codes=codes):
             return {"voucher_codes": list(codes)}
     return {}
-
-
-def _money(value: Any) -> Decimal | None:
-    if value is None or isinstance(value, bool | float):
-        return None
-    try:
-        return Decimal(str(value)).quantize(Decimal("0.01"))
-    except InvalidOperation:
-        return None
 
 
 def _message(body: dict[str, Any] | None) -> str | None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-
-from pydantic import ValidationError
 
 from voucher_bridge.evoucher.client import EvoucherClient, Route
 from voucher_bridge.evoucher.decisions import (
@@ -16,8 +13,14 @@ from voucher_bridge.evoucher.decisions import (
     request_for,
     unanswered,
 )
-from voucher_bridge.results import Decision, invalid, result
-from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, RetryPolicy
+from voucher_bridge.results import Decision, precheck, result
+from voucher_bridge.upstream import (
+    Answer,
+    CallNotSent,
+    CallOutcomeUnknown,
+    RetryPolicy,
+    call_with_retries,
+)
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
 from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Scan
 
@@ -40,51 +43,28 @@ class PosCommandHandler:
         """Validate and apply the command; `before_send` runs once, just before a call that
         moves money first goes out (the store's recovery point)."""
         started = time.monotonic()
-        data_model = POS_COMMAND_TYPES[command.type]
-        try:
-            data: PosCommandData = data_model.model_validate(command.data or {})  # type: ignore[assignment]
-        except ValidationError as exc:
-            return result(command, invalid(exc), UpstreamReport())
-        if record_key is not None and record_key != command.subject:
-            decision = Decision(
-                Outcome.REJECTED,
-                "validation_error",
-                "subject must equal the record key (the terminal)",
-                {"errors": {"subject": ["must equal the record key"]}},
-            )
-            return result(command, decision, UpstreamReport())
+        data, answered = precheck(
+            command,
+            record_key,
+            POS_COMMAND_TYPES[command.type],
+            self._client.knows,
+            "unknown_terminal",
+        )
+        if answered is not None:
+            return answered
         terminal = command.subject
-        if not self._client.knows(terminal):
-            decision = Decision(Outcome.REJECTED, "unknown_terminal", f"no token for {terminal}")
-            return result(command, decision, UpstreamReport())
-
         route, body = request_for(terminal, data)
         if before_send is not None and command.type in MONEY_MOVING:
             await before_send()
-        attempts, answer, may_have_reached = 0, None, False
-        while True:
-            attempts += 1
-            try:
-                answer = await self._client.call(terminal, route, body)
-            except CallNotSent:
-                retryable = True
-            except CallOutcomeUnknown:
-                may_have_reached = True
-                # A call that moves money is never sent again once it may have arrived.
-                retryable = command.type not in MONEY_MOVING
-            else:
-                # 429: turned away, not applied; 5xx: a redeem may have gone through.
-                retryable = answer.status == 429 or (
-                    answer.status >= 500 and command.type not in MONEY_MOVING
-                )
-                if not retryable:
-                    break
-            if not retryable or attempts >= self._retry.attempts:
-                break
-            await asyncio.sleep(self._retry.delay(attempts))
-
+        tried = await call_with_retries(
+            lambda: self._client.call(terminal, route, body),
+            lambda answer: answer.status,
+            moves_money=command.type in MONEY_MOVING,
+            retry=self._retry,
+        )
+        answer, may_have_reached = tried.outcome, tried.may_have_reached
         report = UpstreamReport(
-            attempts=attempts,
+            attempts=tried.attempts,
             last_status=answer.status if answer else None,
             elapsed_ms=int((time.monotonic() - started) * 1000),
         )
