@@ -70,48 +70,25 @@ class Process:
         self._log.close()
 
 
-def start_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EVOUCHER_SEED) -> Process:
-    process = Process(
-        [
-            sys.executable,
-            "-m",
-            "voucher_bridge.cli",
-            "sandbox",
-            "evoucher",
-            "--port",
-            str(port),
-            "--seed",
-            str(seed),
-            *extra,
-        ],
-        {},
-        log_path,
-    )
-    _wait_healthy(process, port, log_path)
-    return process
-
-
 EPIN_SEED = PROJECT_ROOT / "deploy" / "sandbox" / "epin-seed.json"
 EPIN_PREFIX = "/api/v1/"
 
 
+def start_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EVOUCHER_SEED) -> Process:
+    """The eVOUCHER sandbox as a process, once it answers."""
+    return _start_sandbox("evoucher", port, log_path, seed, extra)
+
+
 def start_epin_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EPIN_SEED) -> Process:
-    process = Process(
-        [
-            sys.executable,
-            "-m",
-            "voucher_bridge.cli",
-            "sandbox",
-            "epin",
-            "--port",
-            str(port),
-            "--seed",
-            str(seed),
-            *extra,
-        ],
-        {},
-        log_path,
-    )
+    """The Epin sandbox as a process, once it answers."""
+    return _start_sandbox("epin", port, log_path, seed, extra)
+
+
+def _start_sandbox(
+    kind: str, port: int, log_path: Path, seed: Path, extra: tuple[str, ...]
+) -> Process:
+    command = [sys.executable, "-m", "voucher_bridge.cli", "sandbox", kind]
+    process = Process([*command, "--port", str(port), "--seed", str(seed), *extra], {}, log_path)
     _wait_healthy(process, port, log_path)
     return process
 
