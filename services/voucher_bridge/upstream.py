@@ -66,9 +66,9 @@ async def call_with_retries(
         try:
             outcome = await send()
         except CallNotSent:
-            retryable = True
+            outcome, retryable = None, True  # an earlier attempt's answer is not the last word
         except CallOutcomeUnknown:
-            may_have_reached = True
+            outcome, may_have_reached = None, True
             retryable = not moves_money
         else:
             code = status(outcome)

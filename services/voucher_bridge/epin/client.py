@@ -99,14 +99,21 @@ class EpinClient:
         like the eVOUCHER client.
         """
         tokens = self._tokens.setdefault(account, _Tokens())
-        access = await self._access(account, tokens)
+        access = await self._token(account, tokens)
         answer = await self._send(method, path, access, params=params, form=form)
         if answer.status == 401 and _token_not_valid(answer.body):
             # Expired (or revoked) access token: the request was refused before anything
             # happened, so it is safe to send again once, with a fresh token.
-            access = await self._access(account, tokens, stale=access)
+            access = await self._token(account, tokens, stale=access)
             answer = await self._send(method, path, access, params=params, form=form)
         return answer
+
+    async def _token(self, account: str, tokens: _Tokens, stale: str | None = None) -> str:
+        try:
+            return await self._access(account, tokens, stale)
+        except CallOutcomeUnknown as exc:
+            # A lost login or refresh answer: the command's own request has not gone out.
+            raise CallNotSent(f"token: {exc}") from None
 
     async def call_all_pages(
         self, account: str, path: str, params: Mapping[str, str] | None = None
@@ -130,17 +137,19 @@ class EpinClient:
             following = data.get("next")
             if not following:
                 return answer, results
-            target, query = self._relative(str(following)), None
+            target, query = self._relative(str(following), target), None
         raise CallOutcomeUnknown(f"{path}: more than {self._max_pages} pages")
 
-    def _relative(self, url: str) -> str:
-        # Follow `next` on our own base only: the bearer token never goes to another host.
+    def _relative(self, url: str, current: str) -> str:
+        """`next`, relative to our own base: the bearer token never goes to another host.
+        Behind a proxy that rewrites paths, `next` may not start with our base path: then its
+        query is asked of the page just read."""
         parts = urlsplit(url)
         base = urlsplit(self._base)
-        path = parts.path
-        if path.startswith(base.path):
-            path = path[len(base.path) :]
-        return path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
+        query = f"?{parts.query}" if parts.query else ""
+        if parts.path.startswith(base.path):
+            return parts.path[len(base.path) :].lstrip("/") + query
+        return current.split("?", 1)[0] + query
 
     async def _send(
         self,
@@ -234,7 +243,7 @@ class EpinClient:
         body = answer.body or {}
         access, refresh = body.get("access"), body.get("refresh")
         if answer.status != 200 or not isinstance(access, str) or not access:
-            if answer.status >= 500:
+            if answer.status >= 500 or answer.status == 429:  # busy, not a refusal
                 raise CallNotSent(f"login: HTTP {answer.status}")
             raise Unauthorized(_detail(body) or f"login refused (HTTP {answer.status})")
         tokens.access, tokens.access_expires = access, _expiry(access)

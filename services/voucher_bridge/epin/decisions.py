@@ -7,7 +7,7 @@ facility is disabled (shared/upstream/epin-coupons-api.txt).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from voucher_bridge.results import Decision
@@ -39,7 +39,8 @@ class Request:
     method: str
     path: str
     params: dict[str, str] | None = None
-    form: dict[str, str] | None = None
+    # Kept out of the repr: a create's form holds the mail token and its checksum.
+    form: dict[str, str] | None = field(default=None, repr=False)
 
 
 def request_for(data: CouponCommandData) -> Request:
@@ -145,11 +146,11 @@ def _field_errors(body: dict[str, Any]) -> dict[str, list[str]]:
     if not isinstance(errors, dict):
         return {}
     found: dict[str, list[str]] = {}
-    for field, messages in errors.items():
+    for name, messages in errors.items():
         if isinstance(messages, str):
-            found[str(field)] = [messages]
+            found[str(name)] = [messages]
         elif isinstance(messages, list):
-            found[str(field)] = [str(m) for m in messages]
+            found[str(name)] = [str(m) for m in messages]
     return found
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -68,12 +69,6 @@ class CouponCommandHandler:
             return answered
         account = command.subject
         moves_money = command.type in MONEY_MOVING
-        before: Decimal | None = None
-        if isinstance(data, Share):
-            # The coupon's balance now, so that a lost answer can be told from the balance.
-            before = await self._balance_or_none(account, data.epin)
-        if moves_money and before_send is not None:
-            await before_send()
         request = request_for(data)
 
         async def send() -> tuple[Answer, list[dict[str, Any]] | None]:
@@ -85,6 +80,10 @@ class CouponCommandHandler:
             return answer, None
 
         try:
+            # What the API says now, so that a lost answer can be told apart later.
+            before = await self._before(account, data, since) if moves_money else _Before()
+            if moves_money and before_send is not None:
+                await before_send()
             tried = await call_with_retries(
                 send, lambda sent: sent[0].status, moves_money=moves_money, retry=self._retry
             )
@@ -125,26 +124,44 @@ class CouponCommandHandler:
         )
         started = time.monotonic()
         since = command.time.timestamp() if command.time else time.time() - 3600
-        decision = await self._reconcile(command.subject, data, unknown, None, since)  # type: ignore[arg-type]
+        decision = await self._reconcile(command.subject, data, unknown, _Before(), since)  # type: ignore[arg-type]
         return result(command, decision, _report(0, None, started))
 
     async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
         data = COUPON_COMMAND_TYPES[command.type].model_validate(command.data or {})
         unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
         since = command.time.timestamp() if command.time else time.time() - 3600
-        decision = await self._reconcile(command.subject, data, unknown, None, since)  # type: ignore[arg-type]
+        decision = await self._reconcile(command.subject, data, unknown, _Before(), since)  # type: ignore[arg-type]
         if decision.outcome is Outcome.INDETERMINATE:
             return None
         return result(command, decision, previous.upstream)
 
     # -- finding out what happened --------------------------------------------------------------
 
+    async def _before(self, account: str, data: CouponCommandData, since: float) -> _Before:
+        try:
+            match data:
+                case Share(epin=epin):
+                    return _Before(balance=await self._balance_or_none(account, epin))
+                case Transfer(epin=epin):
+                    coupons = await self._active(account)
+                    held = None if coupons is None else any(_is(c, epin) for c in coupons)
+                    return _Before(held=held)
+                case Create(wallet_type=wallet, epin_amount=amount):
+                    created = await self._history_count(
+                        account, "create", since, wallet=wallet, amount=money(amount)
+                    )
+                    return _Before(created=created)
+        except (CallNotSent, CallOutcomeUnknown):
+            pass  # no before-image: a lost answer is then told from the history, or not at all
+        return _Before()
+
     async def _reconcile(
         self,
         account: str,
         data: CouponCommandData,
         unknown: Decision,
-        before: Decimal | None,
+        before: _Before,
         since: float,
     ) -> Decision:
         try:
@@ -153,9 +170,13 @@ class CouponCommandHandler:
                     coupons = await self._active(account)
                     if coupons is None:
                         return unknown
-                    if any(str(c.get("id")) == epin for c in coupons):
+                    if any(_is(c, epin) for c in coupons):
                         return _not_applied("the coupon is still in the account")
-                    return _applied("the coupon left the account", {"epin": epin, "user": user})
+                    # Gone from the list: ours if it was there before, or if the history says
+                    # it was transferred (a coupon can also leave by a delete or by emptying).
+                    if before.held or await self._in_history(account, "transfer", since, epin=epin):
+                        return _applied("the coupon left the account", {"epin": epin, "user": user})
+                    return unknown
                 case Delete(epin=epin):
                     status = await self._refund_status(account, epin)
                     if status == "refunded":
@@ -164,11 +185,11 @@ class CouponCommandHandler:
                         return _not_applied("the coupon is not refunded")
                     return unknown
                 case Share(epin=epin, share_amount=amount):
-                    if before is not None:
+                    if before.balance is not None:
                         after = await self._balance_or_none(account, epin, gone_is_zero=True)
-                        if after == before:
+                        if after == before.balance:
                             return _not_applied("the coupon's balance did not change")
-                        if after == before - amount:
+                        if after == before.balance - amount:
                             return _applied(
                                 "the share was taken off the coupon's balance",
                                 {"epin": epin, "share_amount": amount, "balance": after},
@@ -177,10 +198,14 @@ class CouponCommandHandler:
                         return _applied("the share is in the history", {"epin": epin})
                     return unknown
                 case Create(wallet_type=wallet, epin_amount=amount, number_of_pins=pins):
-                    found = await self._history_count(
+                    # Only with a count from before: an identical creation made earlier must
+                    # not be taken for this one.
+                    if before.created is None or not pins.isdigit():
+                        return unknown
+                    now = await self._history_count(
                         account, "create", since, wallet=wallet, amount=money(amount)
                     )
-                    if found is not None and found == int(pins):
+                    if now is not None and now - before.created == int(pins):
                         return _applied("the coupons are in the history", {})
                     return unknown
         except (CallNotSent, CallOutcomeUnknown, Unauthorized):
@@ -201,7 +226,7 @@ class CouponCommandHandler:
         if coupons is None:
             return None
         for coupon in coupons:
-            if str(coupon.get("id")) == epin:
+            if _is(coupon, epin):
                 return money(coupon.get("balance"))
         # An emptied coupon leaves the active list.
         return Decimal("0.00") if gone_is_zero else None
@@ -220,13 +245,13 @@ class CouponCommandHandler:
         return entries if answer.status == 200 else None
 
     async def _in_history(
-        self, account: str, action: str, since: float, *, epin: str, amount: Decimal
+        self, account: str, action: str, since: float, *, epin: str, amount: Decimal | None = None
     ) -> bool:
         entries = await self._history(account)
         return any(
             e.get("action") == action
             and str(e.get("epin")) == epin
-            and money(e.get("amount")) == amount
+            and (amount is None or money(e.get("amount")) == amount)
             and _after(e.get("date"), since)
             for e in entries or []
         )
@@ -245,6 +270,19 @@ class CouponCommandHandler:
             and money(e.get("amount")) == amount
             and _after(e.get("date"), since)
         )
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What the API said just before a value-moving call (None: it could not be read)."""
+
+    balance: Decimal | None = None  # share: the coupon's balance
+    held: bool | None = None  # transfer: the coupon was in the account's active list
+    created: int | None = None  # create: matching creations already in the history
+
+
+def _is(coupon: dict[str, Any], epin: str) -> bool:
+    return str(coupon.get("id")) == epin
 
 
 def _applied(message: str, details: dict[str, Any]) -> Decision:
