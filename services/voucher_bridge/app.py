@@ -17,7 +17,10 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 from faststream.specification import AsyncAPI
+from opentelemetry import metrics as otel_metrics
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.metrics import Observation
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from voucher_bridge import __version__
@@ -33,7 +36,7 @@ from voucher_bridge.kafka.records import Record
 from voucher_bridge.once import Answered, ExactlyOnce, RoutedHandler, Timing
 from voucher_bridge.settings import Settings
 from voucher_bridge.store import StoreSessions, open_store
-from voucher_bridge.telemetry import configure_tracing
+from voucher_bridge.telemetry import configure_metrics, configure_tracing
 from voucher_bridge.upstream import RetryPolicy
 from voucher_contracts import CommandEnvelope, ResultEnvelope
 from voucher_contracts.coupon import COUPON_COMMAND_TYPES
@@ -268,6 +271,21 @@ class Service:
         consumer = getattr(self.subscriber, "consumer", None)
         return set(consumer.assignment()) if consumer is not None else set()
 
+    def _metrics_route(self, registry: CollectorRegistry) -> GetHandler:
+        otel_metrics.get_meter("voucher_bridge").create_observable_gauge(
+            "voucher_bridge.in_flight",
+            [lambda _: [Observation(self.dispatcher.in_flight)]],
+            unit="{command}",
+            description="Commands being processed now.",
+        )
+
+        @get(include_in_schema=False)
+        async def serve(scope: Any) -> AsgiResponse:
+            body = generate_latest(registry)
+            return AsgiResponse(body, 200, {"Content-Type": CONTENT_TYPE_LATEST})
+
+        return serve
+
     def _ready_route(self) -> GetHandler:
         @get(include_in_schema=False)
         async def ready(scope: Any) -> AsgiResponse:
@@ -304,6 +322,7 @@ class Service:
 
     def app(self) -> FastStream:
         configure_tracing()
+        configure_metrics()
         return FastStream(
             self.broker,
             specification=self.specification(),
@@ -320,6 +339,7 @@ class Service:
             asgi_routes=[
                 ("/health/live", make_ping_asgi(self.broker, timeout=5.0)),
                 ("/health/ready", self._ready_route()),
+                ("/metrics", self._metrics_route(configure_metrics())),
             ],
             asyncapi_path=None,
             on_startup=[self.on_startup],

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from voucher_bridge import metrics
 from voucher_bridge.store.base import (
     ClaimKind,
     CommandKey,
@@ -87,6 +88,7 @@ class Answered:
 
     data: ResultData
     result_id: str
+    replayed: bool = False  # answered from the store: no upstream call this time
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ class ExactlyOnce:
             if claim.kind is ClaimKind.DONE:
                 assert claim.result is not None
                 data = ResultData.model_validate_json(claim.result)
-                return Answered(data, result_id(key.source, key.id, claim.revision))
+                answer_id = result_id(key.source, key.id, claim.revision)
+                return Answered(data, answer_id, replayed=True)
             if claim.kind is ClaimKind.CONFLICT:
                 return Answered(
                     _key_reused(command),
@@ -279,6 +282,7 @@ class ExactlyOnce:
         # Published before it is stored as settled: a crash in between publishes it again
         # (same id) rather than never.
         await publish(pending.record_key, command, Answered(data, new_id))
+        metrics.superseded.add(1, {"command_type": command.type})
         stored = await self.store.settle(
             pending.key, pending.revision, data.model_dump_json(), False, self._clock()
         )

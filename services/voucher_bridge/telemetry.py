@@ -1,9 +1,10 @@
 """OpenTelemetry set-up from the standard `OTEL_*` variables, and trace-context helpers.
 
-The SDK alone does not pick exporters from `OTEL_TRACES_EXPORTER` (the distro does), so this
-does it for the three that matter here: `otlp` (HTTP/protobuf, `OTEL_EXPORTER_OTLP_*`),
-`console` and `none`. With neither that variable nor an OTLP endpoint set, spans are made and
-propagated but not exported, so a laptop run does not spam connection errors.
+The SDK alone does not pick exporters from `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER`
+(the distro does), so this does it for the ones that matter here: `otlp` (HTTP/protobuf,
+`OTEL_EXPORTER_OTLP_*`), `console` and `none`. With neither variable nor an OTLP endpoint set,
+spans are made and propagated but not exported, so a laptop run does not spam connection
+errors. Metrics are also always readable as Prometheus text (`/metrics`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
 
 SERVICE_NAME = "voucher-bridge"
 _propagator = TraceContextTextMapPropagator()
@@ -35,16 +44,42 @@ def configure_tracing() -> TracerProvider:
     return provider
 
 
-def _exporters() -> list[SpanExporter]:
-    names = os.environ.get("OTEL_TRACES_EXPORTER")
+def configure_metrics() -> CollectorRegistry:
+    """Install the SDK's meter provider once per process; returns the Prometheus registry
+    that `/metrics` serves."""
+    global _registry
+    if _registry is not None:
+        return _registry
+    os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+    _registry = CollectorRegistry()
+    readers: list[MetricReader] = [PrometheusMetricReader(registry=_registry)]
+    for name in _exporter_names("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        elif name == "console":
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    metrics.set_meter_provider(MeterProvider(resource=Resource.create(), metric_readers=readers))
+    return _registry
+
+
+_registry: CollectorRegistry | None = None
+
+
+def _exporter_names(variable: str, endpoint_variable: str) -> list[str]:
+    names = os.environ.get(variable)
     if names is None:
         has_endpoint = any(
-            os.environ.get(v)
-            for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint_variable)
         )
         names = "otlp" if has_endpoint else "none"
+    return [n.strip() for n in names.split(",")]
+
+
+def _exporters() -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
-    for name in (n.strip() for n in names.split(",")):
+    for name in _exporter_names("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -89,6 +89,10 @@ async def test_a_command_from_kcat_gets_its_result(stack: Any, tmp_path: Path) -
         assert result.data["outcome"] == "succeeded"
         assert result.data["bill_total"] == "42.10"
         assert trace_id_of(result.traceparent) == traceparent.split("-")[1]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert 'command_type="pos.bill_total"' in text and 'outcome="succeeded"' in text
+        assert "voucher_bridge_commands" in text and "voucher_bridge_command_duration" in text
+        assert "voucher_bridge_in_flight" in text
     finally:
         # uvicorn re-raises the SIGTERM it handled, so the status is the signal's.
         assert service.stop() in (0, -15)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import Protocol
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from voucher_bridge import metrics
 from voucher_bridge.kafka.producer import RecordProducer
 from voucher_bridge.kafka.records import Record
 from voucher_bridge.once import Answered
@@ -92,12 +94,18 @@ class CommandPipeline:
                 return
             span.set_attribute("messaging.message.id", command.id)
             span.set_attribute("cloudevents.event_type", command.type)
+            started = time.monotonic()
             answered = await self._executor.execute(command, record.key)
             data = answered.data
             span.set_attribute("voucher_bridge.outcome", data.outcome.value)
             if data.reason:
                 span.set_attribute("voucher_bridge.reason", data.reason)
             await self.publish_result(record.key, command, answered)
+            labels = {"command_type": command.type, "outcome": data.outcome.value}
+            metrics.commands.add(1, {**labels, "reason": data.reason or ""})
+            metrics.command_duration.record(time.monotonic() - started, labels)
+            if answered.replayed:
+                metrics.replayed.add(1, {"command_type": command.type})
             log.info(
                 "%s %s from %s on %s: %s%s",
                 command.type,
@@ -147,6 +155,7 @@ class CommandPipeline:
         }
         headers = [*record.headers, *((k, v.encode()) for k, v in added.items())]
         await self._producer.send(self._topics.dead_letters, record.key, record.value, headers)
+        metrics.dead_letters.add(1, {"topic": record.topic, "reason": reason.reason})
         log.warning(
             "%s[%d]@%d is not a usable command (%s): sent to %s",
             record.topic,
