@@ -137,6 +137,7 @@ class Service:
                 settle_interval_s=settings.settle_interval_s,
                 settle_window_s=settings.settle_window_s,
                 retention_s=settings.idempotency_retention_s,
+                purge_interval_s=settings.idempotency_purge_interval_s,
             ),
         )
         self.lanes = [

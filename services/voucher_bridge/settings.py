@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     # Idempotency store
     idempotency_store_url: str = "sqlite:///var/voucher-bridge/idempotency.sqlite3"
     idempotency_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    # How often records past their retention are removed (in batches, between commands).
+    idempotency_purge_interval_s: float = Field(default=600, gt=0)
     # How often this instance says it is alive, and after how long without that another
     # instance takes over its unfinished commands.
     instance_heartbeat_s: float = Field(default=2.0, gt=0)
