@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from voucher_bridge import metrics
@@ -88,7 +88,8 @@ class Answered:
 
     data: ResultData
     result_id: str
-    replayed: bool = False  # answered from the store: no upstream call this time
+    # Answered from the store, no upstream call this time: bookkeeping, not part of the answer.
+    replayed: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
