@@ -93,10 +93,11 @@ class Service:
         self.settings = settings
         self.producer = RecordProducer(**connection_args(settings))
         self.store = open_store(settings.idempotency_store_url)
+        self.sessions = StoreSessions(self.store)
         self.evoucher = EvoucherClient(
             settings.evoucher_base_url,
             settings.evoucher_terminals,
-            StoreSessions(self.store),
+            self.sessions,
             connect_timeout_s=settings.evoucher_connect_timeout_s,
             read_timeout_s=settings.evoucher_read_timeout_s,
             max_connections=settings.evoucher_max_connections,
@@ -167,6 +168,8 @@ class Service:
             max_in_flight=settings.max_in_flight,
             commit_interval_s=settings.commit_interval_ms / 1000,
             drain_timeout_s=settings.drain_timeout_s,
+            # Another instance may have had a till's partition (and renewed its session).
+            on_rebalance=self.sessions.forget,
         )
         self.broker = self._broker()
 
@@ -213,6 +216,9 @@ class Service:
             decoder=_raw_decoder,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             session_timeout_ms=settings.session_timeout_ms,
+            # One fetch per broker at a time: a quiet topic's long poll must not hold back a
+            # busy one for the default 500 ms.
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             description="Commands (CloudEvents 1.0, structured or binary mode): POS payment "
             "commands keyed by terminal, prepaid-coupon commands keyed by account.",
         )

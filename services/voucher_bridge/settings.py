@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, gt=0)
     max_poll_interval_ms: int = Field(default=300_000, gt=0)
     session_timeout_ms: int = Field(default=45_000, gt=0)
+    fetch_max_wait_ms: int = Field(default=50, ge=0)
 
     # eVOUCHER POS API
     evoucher_base_url: str = "https://evoucher.cy"

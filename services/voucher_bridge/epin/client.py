@@ -78,6 +78,9 @@ class EpinClient:
             headers={"Accept": "application/json"},
             transport=transport,
         )
+        # Waiting here rather than in httpx's pool: the pool's queue costs CPU per waiting
+        # request and connection (encode/httpcore#1035), which a semaphore does not.
+        self._slots = asyncio.Semaphore(max_connections)
         self.logins = 0  # how many times an account logged in (for tests and metrics)
         self.refreshes = 0
 
@@ -177,9 +180,10 @@ class EpinClient:
     ) -> Answer:
         started = time.monotonic()
         try:
-            response = await self._http.request(
-                method, path, params=params, files=files, headers=headers
-            )
+            async with self._slots:
+                response = await self._http.request(
+                    method, path, params=params, files=files, headers=headers
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise CallNotSent(f"{path}: {type(exc).__name__}") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:

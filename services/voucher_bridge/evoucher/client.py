@@ -11,6 +11,7 @@ This module only transports: what an answer means is decided in `evoucher.decisi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -77,6 +78,9 @@ class EvoucherClient:
             headers={"Accept": "application/json"},
             transport=transport,
         )
+        # Waiting here rather than in httpx's pool: the pool's queue costs CPU per waiting
+        # request and connection (encode/httpcore#1035), which a semaphore does not.
+        self._slots = asyncio.Semaphore(max_connections)
 
     def knows(self, terminal: str) -> bool:
         return terminal in self._tokens
@@ -95,12 +99,13 @@ class EvoucherClient:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
         started = time.monotonic()
         try:
-            response = await self._http.post(
-                "index.php",
-                params={"route": f"account/{route}"},
-                content=encode_json(body),
-                headers=headers,
-            )
+            async with self._slots:
+                response = await self._http.post(
+                    "index.php",
+                    params={"route": f"account/{route}"},
+                    content=encode_json(body),
+                    headers=headers,
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise CallNotSent(f"{route}: {type(exc).__name__}") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:

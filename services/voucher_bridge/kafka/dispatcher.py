@@ -64,6 +64,7 @@ class KeyOrderedDispatcher:
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
         commit_timeout_s: float = 10.0,
+        on_rebalance: Callable[[], None] | None = None,
     ) -> None:
         self._process = process
         self._max_in_flight = max_in_flight
@@ -78,6 +79,7 @@ class KeyOrderedDispatcher:
         self._commit_wanted = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._committer: asyncio.Task[None] | None = None
+        self.on_rebalance = on_rebalance
         self.listener = _DrainOnRevoke(self)
 
     # -- intake, called by the consume loop in fetch order ------------------------------------
@@ -266,4 +268,6 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._dispatcher.drain(list(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if self._dispatcher.on_rebalance is not None:
+            self._dispatcher.on_rebalance()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))

@@ -24,13 +24,23 @@ def open_store(url: str) -> CommandStore:
 
 
 class StoreSessions:
-    """Each terminal's upstream cookie jar, kept in the store (survives restarts and moves)."""
+    """Each terminal's upstream cookie jar, kept in the store (survives restarts and moves),
+    with a write-through copy in memory: a till's commands run on the instance that owns its
+    partition, so the copy is right until the partitions move. `forget()` on every rebalance."""
 
     def __init__(self, store: CommandStore) -> None:
         self._store = store
+        self._cache: dict[str, dict[str, str]] = {}
 
     async def load(self, terminal: str) -> dict[str, str]:
-        return await self._store.load_session(terminal)
+        cached = self._cache.get(terminal)
+        if cached is None:
+            cached = self._cache[terminal] = await self._store.load_session(terminal)
+        return dict(cached)
 
     async def save(self, terminal: str, cookies: dict[str, str]) -> None:
         await self._store.save_session(terminal, cookies, time.time())
+        self._cache[terminal] = dict(cookies)
+
+    def forget(self) -> None:
+        self._cache.clear()
