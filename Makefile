@@ -70,3 +70,12 @@ asyncapi: sync
 clean:
 	-$(KAFKA) down
 	rm -rf var/kafka/data var/demo .pytest_cache .mypy_cache .ruff_cache
+
+# The benchmark (bench/README.md): voucher-bridge, a naive FastStream subscriber and a bare
+# aiokafka loop on the real broker and the sandbox; a table, bench/results/*.json and *.png.
+.PHONY: bench bench-quick
+bench: sync
+	$(UV) run python -m bench.run
+
+bench-quick: sync
+	$(UV) run python -m bench.run --quick

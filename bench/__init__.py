@@ -1,0 +1,1 @@
+"""`make bench`: voucher-bridge against a naive FastStream subscriber and a bare aiokafka loop."""
