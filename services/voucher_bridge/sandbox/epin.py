@@ -116,6 +116,9 @@ from voucher_bridge.sandbox.faults import (
     SandboxStarlette,
     drop_connection,
     error_response,
+    faults_route,
+    json_object,
+    validation_errors,
 )
 
 if TYPE_CHECKING:
@@ -1561,16 +1564,7 @@ def create_app(
         snapshot["faults"] = injector.snapshot()
         return JSONResponse(snapshot)
 
-    async def faults_endpoint(request: Request) -> Response:
-        if request.method == "POST":
-            changes = await _json_object(request)
-            if changes is None:
-                return JSONResponse({"error": "expected a JSON object"}, status_code=400)
-            try:
-                injector.update(changes)
-            except ValidationError as exc:
-                return JSONResponse({"error": _errors(exc)}, status_code=422)
-        return JSONResponse(injector.snapshot())
+    faults_endpoint = faults_route(injector)
 
     async def reset(request: Request) -> Response:
         sandbox.reset()
@@ -1588,24 +1582,24 @@ def create_app(
         try:
             items = _USERS_ADAPTER.validate_python(data)
         except ValidationError as exc:
-            return JSONResponse({"error": _errors(exc)}, status_code=422)
+            return JSONResponse({"error": validation_errors(exc)}, status_code=422)
         return JSONResponse({"added": sandbox.add_users(items)})
 
     async def settings(request: Request) -> Response:
         if request.method == "POST":
-            changes = await _json_object(request)
+            changes = await json_object(request)
             if changes is None:
                 return JSONResponse({"error": "expected a JSON object"}, status_code=400)
             try:
                 sandbox.apply_settings(SettingsUpdate.model_validate(changes))
             except ValidationError as exc:
-                return JSONResponse({"error": _errors(exc)}, status_code=422)
+                return JSONResponse({"error": validation_errors(exc)}, status_code=422)
             except KeyError as exc:
                 return JSONResponse({"error": f"unknown user: {exc.args[0]}"}, status_code=422)
         return JSONResponse(sandbox.settings.as_json())
 
     async def expire_tokens(request: Request) -> Response:
-        changes = await _json_object(request)
+        changes = await json_object(request)
         refresh = bool(changes.get("refresh")) if changes else False
         return JSONResponse({"expired": sandbox.expire_tokens(refresh=refresh)})
 
@@ -1625,21 +1619,6 @@ def create_app(
     app.state.sandbox = sandbox
     app.state.faults = injector
     return app
-
-
-async def _json_object(request: Request) -> dict[str, Any] | None:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
 
 
 # --- server -----------------------------------------------------------------------------------

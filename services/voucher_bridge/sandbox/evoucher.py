@@ -47,6 +47,8 @@ from voucher_bridge.sandbox.faults import (
     SandboxStarlette,
     drop_connection,
     error_response,
+    faults_route,
+    validation_errors,
 )
 
 CENT = Decimal("0.01")
@@ -735,16 +737,7 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
         snapshot["faults"] = injector.snapshot()
         return JSONResponse(snapshot)
 
-    async def faults_endpoint(request: Request) -> Response:
-        if request.method == "POST":
-            changes = await _json_object(request)
-            if changes is None:
-                return JSONResponse({"error": "expected a JSON object"}, status_code=400)
-            try:
-                injector.update(changes)
-            except ValidationError as exc:
-                return JSONResponse({"error": _errors(exc)}, status_code=422)
-        return JSONResponse(injector.snapshot())
+    faults_endpoint = faults_route(injector)
 
     async def reset(request: Request) -> Response:
         sandbox.reset()
@@ -766,7 +759,7 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
             try:
                 update = SandboxSettings.model_validate(changes)
             except ValidationError as exc:
-                return JSONResponse({"error": _errors(exc)}, status_code=422)
+                return JSONResponse({"error": validation_errors(exc)}, status_code=422)
             if update.strict_session is not None:
                 sandbox.strict_session = update.strict_session
             if update.lock_ttl_s is not None:
@@ -812,9 +805,5 @@ async def _add(
     try:
         items = adapter.validate_python(data)
     except ValidationError as exc:
-        return JSONResponse({"error": _errors(exc)}, status_code=422)
+        return JSONResponse({"error": validation_errors(exc)}, status_code=422)
     return JSONResponse({"added": add(items)})
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]

@@ -9,14 +9,16 @@ The last one is the case an exactly-once client must survive: it cannot tell it 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
-from starlette.responses import Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 # Where `SandboxStarlette` keeps the server's own `send`, before any middleware wraps it.
@@ -193,3 +195,39 @@ async def drop_connection(scope: Scope) -> None:
     # Let the event loop run connection_lost, which marks uvicorn's cycle as disconnected, so
     # the response the route still returns is discarded instead of written or logged.
     await asyncio.sleep(0)
+
+
+# --- the admin API's pieces both sandboxes share ------------------------------------------------
+
+
+def faults_route(injector: FaultInjector) -> Callable[[Request], Awaitable[Response]]:
+    """`GET|POST /_sandbox/faults`: the fault config; POST merges the fields it is given."""
+
+    async def faults_endpoint(request: Request) -> Response:
+        if request.method == "POST":
+            changes = await json_object(request)
+            if changes is None:
+                return JSONResponse({"error": "expected a JSON object"}, status_code=400)
+            try:
+                injector.update(changes)
+            except ValidationError as exc:
+                return JSONResponse({"error": validation_errors(exc)}, status_code=422)
+        return JSONResponse(injector.snapshot())
+
+    return faults_endpoint
+
+
+async def json_object(request: Request) -> dict[str, Any] | None:
+    """The request's JSON object (an empty body is `{}`); None when it is not one."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
