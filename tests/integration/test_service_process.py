@@ -13,12 +13,25 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack
-from voucher_bridge.localstack import ResultReader, free_port, start_service, trace_id_of
+from tests.conftest import EpinSandbox, Stack
+from voucher_bridge.localstack import (
+    CommandProducer,
+    ResultReader,
+    free_port,
+    start_service,
+    trace_id_of,
+)
 
 
 def _env(s: Stack, http_port: int) -> dict[str, str]:
+    accounts = {n: {"username": n, "password": u["password"]} for n, u in s.epin.users.items()}
     return {
+        "COUPON_COMMANDS_TOPIC": s.coupon_commands,
+        "COUPON_RESULTS_TOPIC": s.coupon_results,
+        "EPIN_BASE_URL": s.epin.settings["EPIN_BASE_URL"],
+        "EPIN_API_KEY": s.epin.settings["EPIN_API_KEY"],
+        "EPIN_ACCOUNTS": json.dumps(accounts),
+        "LOG_LEVEL": "DEBUG",
         "KAFKA_BOOTSTRAP_SERVERS": s.bootstrap,
         "KAFKA_GROUP_ID": s.group,
         "POS_COMMANDS_TOPIC": s.commands,
@@ -44,8 +57,12 @@ def _wait_ready(port: int, timeout_s: float = 30) -> dict[str, Any]:
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed")
-async def test_a_command_from_kcat_gets_its_result(stack: Any, tmp_path: Path) -> None:
+async def test_a_command_from_kcat_gets_its_result(
+    stack: Any, epin: EpinSandbox, tmp_path: Path
+) -> None:
     s: Stack = await stack(partitions=2)
+    s.use_epin(epin)
+    account = epin.add_account()
     till = s.terminal()
     port = free_port()
     service = start_service(_env(s, port), tmp_path / "service.log", http_port=port)
@@ -86,6 +103,13 @@ async def test_a_command_from_kcat_gets_its_result(stack: Any, tmp_path: Path) -
         )
         async with ResultReader(s.bootstrap, s.results) as reader:
             [result] = await reader.wait_for({command_id}, 30)
+        async with (
+            CommandProducer(s.bootstrap, s.coupon_commands) as producer,
+            ResultReader(s.bootstrap, s.coupon_results) as coupon_reader,
+        ):
+            listed = await producer.send("coupon.list_active", account, None)
+            [coupons] = await coupon_reader.wait_for({listed.id}, 30)
+        assert coupons.data["outcome"] == "succeeded"
         assert result.data["outcome"] == "succeeded"
         assert result.data["bill_total"] == "42.10"
         assert trace_id_of(result.traceparent) == traceparent.split("-")[1]
@@ -98,5 +122,12 @@ async def test_a_command_from_kcat_gets_its_result(stack: Any, tmp_path: Path) -
         assert service.stop() in (0, -15)
     log = (tmp_path / "service.log").read_text()
     assert "shut down gracefully" in log
-    for token in s.terminals.values():
-        assert token not in log, "a terminal's token was logged"
+    assert "DEBUG" in log  # the most talkative level, and still:
+    secrets = [
+        *s.terminals.values(),
+        s.epin.settings["EPIN_API_KEY"],
+        epin.users[account]["password"],
+    ]
+    for secret in secrets:
+        assert secret not in log, "a secret was logged"
+    assert "Bearer " not in log and "eyJ" not in log, "an access token was logged"
