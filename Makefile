@@ -6,7 +6,7 @@ UV_VERSION := 0.13.8
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/var/tools/bin/uv)
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: help sync kafka-up kafka-down topics demo run test test-unit lint format asyncapi sandbox clean
+.PHONY: help sync kafka-up kafka-down topics demo run test test-unit lint format asyncapi sandbox clean bench bench-quick soak
 
 help:
 	@echo "make demo        the service end to end: broker, sandbox, service, two POS sessions"
@@ -79,3 +79,6 @@ bench: sync
 
 bench-quick: sync
 	$(UV) run python -m bench.run --quick
+
+soak: sync
+	$(UV) run python -m bench.soak
