@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     epin.add_argument("--drop-after-apply-rate", type=float, default=0.0)
     epin.add_argument("--access-ttl-s", type=float, default=None)
 
-    demo = commands.add_parser("demo", help="play POS sessions through a running service")
-    demo.add_argument("--sandbox-url", default="http://127.0.0.1:8081")
+    demo = commands.add_parser(
+        "demo", help="start the sandboxes and the service, play POS and coupon flows"
+    )
     demo.add_argument("--timeout", type=float, default=60.0)
 
     args = parser.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from voucher_bridge.demo import play
 
-        return asyncio.run(play(args.sandbox_url, timeout_s=args.timeout))
+        return asyncio.run(play(timeout_s=args.timeout))
     return 2
 
 

@@ -59,7 +59,7 @@ SESSIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 ]
 
 
-async def play(sandbox_url: str | None = None, *, timeout_s: float = 60.0) -> int:
+async def play(*, timeout_s: float = 60.0) -> int:
     settings = load_settings()
     run_dir = PROJECT_ROOT / "var" / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
