@@ -116,8 +116,3 @@ def trace_headers() -> list[tuple[str, bytes]]:
     carrier: dict[str, str] = {}
     _propagator.inject(carrier)
     return [(k, v.encode()) for k, v in carrier.items()]
-
-
-def current_trace_id() -> str | None:
-    span_context = trace.get_current_span().get_span_context()
-    return format(span_context.trace_id, "032x") if span_context.is_valid else None

@@ -114,6 +114,7 @@ from voucher_bridge.sandbox.faults import (
     FaultInjector,
     FaultKind,
     SandboxStarlette,
+    add_items,
     drop_connection,
     error_response,
     faults_route,
@@ -1573,17 +1574,7 @@ def create_app(
         )
 
     async def users(request: Request) -> Response:
-        try:
-            data = json.loads(await request.body())
-        except ValueError:
-            return JSONResponse({"error": "invalid JSON"}, status_code=400)
-        if isinstance(data, dict):
-            data = data.get("users")
-        try:
-            items = _USERS_ADAPTER.validate_python(data)
-        except ValidationError as exc:
-            return JSONResponse({"error": validation_errors(exc)}, status_code=422)
-        return JSONResponse({"added": sandbox.add_users(items)})
+        return await add_items(request, "users", _USERS_ADAPTER, sandbox.add_users)
 
     async def settings(request: Request) -> Response:
         if request.method == "POST":

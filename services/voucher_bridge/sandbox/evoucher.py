@@ -45,6 +45,7 @@ from voucher_bridge.sandbox.faults import (
     FaultInjector,
     FaultKind,
     SandboxStarlette,
+    add_items,
     drop_connection,
     error_response,
     faults_route,
@@ -746,10 +747,10 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
         )
 
     async def add_vouchers(request: Request) -> Response:
-        return await _add(request, "vouchers", _VOUCHERS_ADAPTER, sandbox.add_vouchers)
+        return await add_items(request, "vouchers", _VOUCHERS_ADAPTER, sandbox.add_vouchers)
 
     async def add_terminals(request: Request) -> Response:
-        return await _add(request, "terminals", _TERMINALS_ADAPTER, sandbox.add_terminals)
+        return await add_items(request, "terminals", _TERMINALS_ADAPTER, sandbox.add_terminals)
 
     async def settings(request: Request) -> Response:
         if request.method == "POST":
@@ -788,22 +789,3 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
 
 async def _json_object(request: Request) -> dict[str, Any] | None:
     return _parse_body(await request.body())
-
-
-async def _add(
-    request: Request,
-    key: str,
-    adapter: TypeAdapter[list[Any]],
-    add: Callable[[Iterable[Any]], int],
-) -> Response:
-    try:
-        data = json.loads(await request.body())
-    except ValueError:
-        return JSONResponse({"error": "invalid JSON"}, status_code=400)
-    if isinstance(data, dict):
-        data = data.get(key)
-    try:
-        items = adapter.validate_python(data)
-    except ValidationError as exc:
-        return JSONResponse({"error": validation_errors(exc)}, status_code=422)
-    return JSONResponse({"added": add(items)})

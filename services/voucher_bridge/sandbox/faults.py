@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -215,6 +215,26 @@ def faults_route(injector: FaultInjector) -> Callable[[Request], Awaitable[Respo
         return JSONResponse(injector.snapshot())
 
     return faults_endpoint
+
+
+async def add_items(
+    request: Request,
+    key: str,
+    adapter: TypeAdapter[list[Any]],
+    add: Callable[[Iterable[Any]], int],
+) -> Response:
+    """`POST /_sandbox/<key>`: a list of seed items (or `{"<key>": [...]}`), validated, added."""
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        return JSONResponse({"error": "invalid JSON"}, status_code=400)
+    if isinstance(data, dict):
+        data = data.get(key)
+    try:
+        items = adapter.validate_python(data)
+    except ValidationError as exc:
+        return JSONResponse({"error": validation_errors(exc)}, status_code=422)
+    return JSONResponse({"added": add(items)})
 
 
 async def json_object(request: Request) -> dict[str, Any] | None:
