@@ -18,6 +18,8 @@
 #   PG_PORT (55432)  PG_START_TIMEOUT (60 s)  PG_STOP_TIMEOUT (60 s)
 #   PG_BINDIR (directory holding initdb/pg_ctl/postgres; found automatically when unset)
 #   PG_OS_USER (postgres; the account the server runs as when this script runs as root)
+#   PG_STATE_DIR (where the cluster lives; default var/postgres, or /var/tmp/… when root runs it
+#   in a project the server's account cannot reach)
 #   PG_EXTRA_OPTS (extra postgres options appended to the pg_ctl -o string, e.g. "-c log_statement=all")
 #
 # Only `up` writes to stdout (the URL); all messages go to stderr.
@@ -35,7 +37,24 @@ PG_EXTRA_OPTS="${PG_EXTRA_OPTS:-}"
 DB_USER=voucher_bridge
 DB_NAME=voucher_bridge
 
+# True when every directory from $1 up to / lets others search it (the server runs as another
+# account than root and must reach its data directory).
+world_searchable() {
+  local dir="$1"
+  while [[ "$dir" != "/" ]]; do
+    (( 8#$(stat -c %a "$dir") & 1 )) || return 1
+    dir="$(dirname "$dir")"
+  done
+}
+
+# The cluster lives in the project's var/postgres, unless this runs as root in a project the
+# server's account cannot reach (a clone in a private directory, as `mktemp -d` makes one):
+# then in a directory of its own under /var/tmp, named after the project's path.
 VAR="$ROOT/var/postgres"
+if ((EUID == 0)) && [[ -z "${PG_STATE_DIR:-}" ]] && ! world_searchable "$ROOT"; then
+  VAR="/var/tmp/voucher-bridge-postgres-$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)"
+fi
+VAR="${PG_STATE_DIR:-$VAR}"
 DATA="$VAR/data"
 SOCK_DIR="$VAR/run"
 SERVER_LOG="$VAR/server.log"
