@@ -16,6 +16,7 @@ import asyncio
 import json
 import queue
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,20 @@ CREATE TABLE IF NOT EXISTS terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at REAL NOT NULL
 );
 """
+
+
+def _enable_wal(db: sqlite3.Connection, deadline_s: float = 10.0) -> None:
+    # SQLite answers "database is locked" to a journal-mode change at once, without calling
+    # the busy handler, while another connection is opening the same fresh file; so wait here.
+    give_up_at = time.monotonic() + deadline_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up_at:
+                raise
+            time.sleep(0.01)
 
 
 class SqliteStore:
@@ -131,7 +146,7 @@ class SqliteStore:
             db = sqlite3.connect(
                 self._path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.executescript(SCHEMA)
             self._db = db  # transactions are begun and ended by _run_batch
