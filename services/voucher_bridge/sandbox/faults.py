@@ -189,9 +189,12 @@ async def drop_connection(scope: Scope) -> None:
     """
     send = scope.get(RAW_SEND_KEY)
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if not isinstance(transport, asyncio.BaseTransport):
+    # Duck-typed: uvloop's transports (uvicorn's default loop when uvloop is installed) are
+    # not asyncio.BaseTransport subclasses.
+    close = getattr(transport, "close", None)
+    if not callable(close):
         raise ConnectionDropped("dropped the connection after applying the call")
-    transport.close()
+    close()
     # Let the event loop run connection_lost, which marks uvicorn's cycle as disconnected, so
     # the response the route still returns is discarded instead of written or logged.
     await asyncio.sleep(0)
