@@ -307,7 +307,7 @@ def redeems(client: FakeClient) -> list[tuple[str, Route, dict[str, Any]]]:
 async def test_redeem_is_not_resent_after_outcome_unknown() -> None:
     # The reconciling scan cannot reach the upstream either: the outcome stays unknown.
     handler, client, policy = handler_for(
-        CallOutcomeUnknown("redeem_voucher_api: ReadTimeout"), CallNotSent("scan")
+        CallOutcomeUnknown("redeem_voucher_api: ReadTimeout"), *[CallNotSent("scan")] * 3
     )
     result = await handler.handle(REDEEM, TERMINAL)
     assert len(redeems(client)) == 1
@@ -315,7 +315,18 @@ async def test_redeem_is_not_resent_after_outcome_unknown() -> None:
     assert result.reason == "upstream_unavailable"
     assert result.upstream.attempts == 1
     assert result.upstream.last_status is None
-    assert policy.waited == []
+    assert policy.waited == [1, 2]  # the scans' backoffs; the redeem itself was not retried
+
+
+async def test_reconciling_scan_is_retried_after_a_dropped_connection() -> None:
+    # A scan is safe to repeat: a dropped connection on the way does not leave it unknown.
+    handler, client, _ = handler_for(
+        CallOutcomeUnknown("redeem"), CallOutcomeUnknown("scan"), REDEEMED, REDEEMED_2
+    )
+    result = await handler.handle(REDEEM, TERMINAL)
+    assert len(redeems(client)) == 1
+    assert (result.outcome, result.reason) == (Outcome.SUCCEEDED, None)
+    assert [route for _, route, _ in client.calls] == [Route.REDEEM] + [Route.SCAN] * 3
 
 
 async def test_redeem_is_retried_after_not_sent() -> None:
@@ -335,7 +346,9 @@ async def test_redeem_never_sent_is_failed() -> None:
 
 
 async def test_redeem_not_sent_then_unknown_is_indeterminate_and_stops() -> None:
-    handler, client, _ = handler_for(CallNotSent("x"), CallOutcomeUnknown("x"), CallNotSent("s"))
+    handler, client, _ = handler_for(
+        CallNotSent("x"), CallOutcomeUnknown("x"), *[CallNotSent("s")] * 3
+    )
     result = await handler.handle(REDEEM, TERMINAL)
     assert len(redeems(client)) == 2
     assert result.outcome is Outcome.INDETERMINATE
@@ -344,7 +357,7 @@ async def test_redeem_not_sent_then_unknown_is_indeterminate_and_stops() -> None
 
 async def test_redeem_5xx_is_not_resent_and_is_indeterminate() -> None:
     handler, client, _ = handler_for(
-        Answer(500, {"message": "Fatal error"}, 1), CallNotSent("scan")
+        Answer(500, {"message": "Fatal error"}, 1), *[CallNotSent("scan")] * 3
     )
     result = await handler.handle(REDEEM, TERMINAL)
     assert len(redeems(client)) == 1
@@ -424,13 +437,13 @@ async def test_end_to_end_with_mock_transport() -> None:
         assert scan.outcome is Outcome.SUCCEEDED
         assert extras(scan)["amount"] == Decimal("50.00")
         assert scan.upstream.attempts == 2
-        answers.append(httpx.ConnectError("refused"))  # the reconciling scan
+        answers.extend([httpx.ConnectError("refused")] * 3)  # the reconciling scans
         redeem = await handler.handle(REDEEM, TERMINAL)
         assert redeem.outcome is Outcome.INDETERMINATE
         assert redeem.upstream.attempts == 1
     finally:
         await client.aclose()
-    assert len(seen) == 4
+    assert len(seen) == 6
     assert seen[2].headers["cookie"] == "OCSESSID=abc"
     assert seen[2].content == b'{"voucher_codes":"12345678;12345679"}'
 

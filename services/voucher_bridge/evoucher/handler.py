@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -113,9 +114,16 @@ class PosCommandHandler:
         through; a price means the voucher is still held, unredeemed."""
         states: dict[str, str] = {}
         for code in data.voucher_codes:
-            try:
-                answer = await self._client.call(terminal, Route.SCAN, {"voucher_code": code})
-            except (CallNotSent, CallOutcomeUnknown):
+            # A scan is safe to repeat, so a dropped connection (a server closing a kept-alive
+            # one, say) or a 5xx is retried rather than left indeterminate.
+            scanned = await call_with_retries(
+                functools.partial(self._client.call, terminal, Route.SCAN, {"voucher_code": code}),
+                lambda answer: answer.status,
+                moves_money=False,
+                retry=self._retry,
+            )
+            answer = scanned.outcome
+            if answer is None:
                 return unknown
             verdict = decide("pos.scan", Scan(voucher_code=code), answer)
             if verdict.outcome is Outcome.SUCCEEDED:
