@@ -8,6 +8,7 @@ consume → one httpx call → produce, as fast as Python does it here:
 - each record is handled in its own task, at most `BENCH_MAX_CONNECTIONS` at once (the same
   bound as voucher-bridge's EVOUCHER_MAX_CONNECTIONS in the benchmark), with no ordering at all
   (two commands of one till can overtake each other);
+- the call goes to httpx's transport directly (no AsyncClient on top), as voucher-bridge's does;
 - the result is handed to the producer (acks=1) and its delivery is never awaited;
 - no idempotency store, no tracing, no validation beyond `json.loads`, no dead letters.
 
@@ -23,6 +24,7 @@ import json
 import logging
 import signal
 
+import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
@@ -40,7 +42,7 @@ async def run(config: SystemConfig) -> None:
         auto_offset_reset="earliest",
     )
     producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks=1, linger_ms=5)
-    upstream = Upstream(config)
+    upstream = Upstream(config, lean=True)
     slots = asyncio.Semaphore(config.max_connections)
     running: set[asyncio.Task[None]] = set()
 
@@ -82,7 +84,7 @@ def main() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(until_stopped())
+    uvloop.run(until_stopped())  # as voucher-bridge runs
 
 
 if __name__ == "__main__":

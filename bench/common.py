@@ -149,11 +149,29 @@ def http_client(config: SystemConfig) -> httpx.AsyncClient:
 
 
 class Upstream:
-    """The one eVOUCHER call per command, as voucher-bridge sends it (`evoucher.client`)."""
+    """The one eVOUCHER call per command, as voucher-bridge sends it (`evoucher.client`).
 
-    def __init__(self, config: SystemConfig) -> None:
+    `lean=True` (the bare loop) calls httpx's transport directly, as voucher-bridge does, so
+    that the floor is not slower than the service at the HTTP layer; the naive subscriber uses
+    `AsyncClient.post`, as most code would.
+    """
+
+    def __init__(self, config: SystemConfig, *, lean: bool = False) -> None:
         self._tokens = config.tokens
         self._http = http_client(config)
+        self._lean = lean
+        self._transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+            )
+        )
+        self._timeout = httpx.Timeout(15.0, connect=5.0, pool=None).as_dict()
+        base = httpx.URL(config.sandbox_url.rstrip("/") + "/index.php")
+        self._urls = {
+            route: base.copy_merge_params({"route": f"account/{route}"})
+            for route in ("bill_total_api", "scan_voucher_api")
+        }
         self._cookies: dict[str, str] = {}  # terminal → OCSESSID, in memory only
 
     async def call(self, event: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
@@ -170,20 +188,48 @@ class Upstream:
         session = self._cookies.get(terminal)
         if session:
             headers["Cookie"] = f"OCSESSID={session}"
-        response = await self._http.post(
-            "index.php", params={"route": f"account/{route}"}, content=body, headers=headers
-        )
-        fresh = response.cookies.get("OCSESSID")
+        if self._lean:
+            status, content, fresh = await self._lean_post(route, body, headers)
+        else:
+            response = await self._http.post(
+                "index.php", params={"route": f"account/{route}"}, content=body, headers=headers
+            )
+            status, content = response.status_code, response.content
+            fresh = response.cookies.get("OCSESSID")
         if fresh and fresh != session:
             self._cookies[terminal] = fresh
         try:
-            payload = response.json()
+            payload = json.loads(content)
         except ValueError:
             payload = None
-        return response.status_code, payload if isinstance(payload, dict) else None
+        return status, payload if isinstance(payload, dict) else None
+
+    async def _lean_post(
+        self, route: str, body: str, headers: dict[str, str]
+    ) -> tuple[int, bytes, str | None]:
+        headers.update({"Accept": "application/json", "Accept-Encoding": "gzip, deflate"})
+        request = httpx.Request(
+            "POST",
+            self._urls[route],
+            headers=headers,
+            content=body.encode(),
+            extensions={"timeout": self._timeout},
+        )
+        response = await self._transport.handle_async_request(request)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        fresh = None
+        for header in response.headers.get_list("set-cookie"):
+            name, _, rest = header.partition("=")
+            if name.strip() == "OCSESSID":
+                fresh = rest.split(";", 1)[0]
+        return response.status_code, content, fresh
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._transport.aclose()
 
 
 def result_value(event: dict[str, Any], status: int, payload: dict[str, Any] | None) -> bytes:

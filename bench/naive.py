@@ -10,10 +10,10 @@ and commit, whatever its partition or terminal.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
+import uvloop
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -50,7 +50,7 @@ def build(config: SystemConfig) -> FastStream:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(build(SystemConfig.from_env()).run())
+    uvloop.run(build(SystemConfig.from_env()).run())  # as voucher-bridge runs
 
 
 if __name__ == "__main__":
