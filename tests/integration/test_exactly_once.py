@@ -133,7 +133,7 @@ async def test_a_redeem_whose_answer_is_lost_is_reconciled_not_resent(stack: Any
             s.sandbox.faults(drop_after_apply_rate=1.0, routes=["redeem_voucher_api"])
             redeem = await producer.send("pos.redeem", till, {"voucher_codes": codes})
             [result] = await reader.wait_for({redeem.id}, 30)
-    assert result.data["outcome"] == "succeeded"
+    assert result.data["outcome"] == "succeeded", repr(dict(result.data))
     assert result.data["reconciled"] is True
     assert all(v["redeem_count"] == 1 for v in s.sandbox.vouchers(codes).values())
 
