@@ -11,7 +11,7 @@ pool, HTTP/1.1, timeouts, content decoding) without `AsyncClient` on top: the cl
 jar, URL merging, auth and redirect steps and the OpenTelemetry httpx instrumentation's wrapper
 cost about a fifth of the service's CPU per command in `make bench`, and none of them is
 needed for one fixed URL per route with cookies kept per terminal. The client span that the
-instrumentation would make is made here (`_client_span`), with the same name and attributes.
+instrumentation would make is made here, with the same name and attributes.
 
 This module only transports: what an answer means is decided in `evoucher.decisions`.
 """
@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from decimal import Decimal
 from enum import StrEnum
 from http.cookies import CookieError, SimpleCookie
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 
 import httpx
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import SecretStr
 
 from voucher_bridge import __version__
@@ -92,12 +91,16 @@ class EvoucherClient:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
         )
-        self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None)
+        # Built once: every call to a route has the same URL, span attributes and timeouts.
+        self._timeout = httpx.Timeout(
+            read_timeout_s, connect=connect_timeout_s, pool=None
+        ).as_dict()
         base = httpx.URL(base_url.rstrip("/") + "/")
         self._urls = {
             route: base.join("index.php").copy_merge_params({"route": f"account/{route}"})
             for route in Route
         }
+        self._span_attributes = {route: _span_attributes(url) for route, url in self._urls.items()}
         # Waiting here rather than in httpx's pool: the pool's queue costs CPU per waiting
         # request and connection (encode/httpcore#1035), which a semaphore does not.
         self._slots = asyncio.Semaphore(max_connections)
@@ -119,14 +122,16 @@ class EvoucherClient:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
         url = self._urls[route]
         started = time.monotonic()
-        with _client_span(url) as span:
+        with _tracer.start_as_current_span(
+            "POST", kind=SpanKind.CLIENT, attributes=self._span_attributes[route]
+        ) as span:
             propagate.inject(headers)
             request = httpx.Request(
                 "POST",
                 url,
                 headers=headers,
                 content=encode_json(body),
-                extensions={"timeout": self._timeout.as_dict()},
+                extensions={"timeout": self._timeout},
             )
             try:
                 async with self._slots:
@@ -160,9 +165,8 @@ class EvoucherClient:
 _tracer = trace.get_tracer("voucher_bridge.evoucher")
 
 
-@contextmanager
-def _client_span(url: httpx.URL) -> Iterator[Span]:
-    """The HTTP client span, named and attributed as opentelemetry-instrumentation-httpx does
+def _span_attributes(url: httpx.URL) -> dict[str, str | int]:
+    """The HTTP client span's attributes, as opentelemetry-instrumentation-httpx sets them
     (semantic conventions for HTTP clients), without its per-request wrapper cost."""
     attributes: dict[str, str | int] = {
         "http.request.method": "POST",
@@ -172,8 +176,7 @@ def _client_span(url: httpx.URL) -> Iterator[Span]:
     }
     if url.port is not None:
         attributes["server.port"] = url.port
-    with _tracer.start_as_current_span("POST", kind=SpanKind.CLIENT, attributes=attributes) as span:
-        yield span
+    return attributes
 
 
 def session_cookies(response: httpx.Response) -> dict[str, str]:
