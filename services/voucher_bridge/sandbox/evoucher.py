@@ -49,6 +49,8 @@ from voucher_bridge.sandbox.faults import (
     drop_connection,
     error_response,
     faults_route,
+    json_object,
+    parse_json_object,
     validation_errors,
 )
 
@@ -664,16 +666,6 @@ def _api_response(payload: Mapping[str, Any], status: int, session: str, gzipped
     return response
 
 
-def _parse_body(raw: bytes) -> dict[str, Any] | None:
-    if not raw.strip():
-        return {}  # "leave body empty if no eVOUCHERs were scanned" (cancel_payment_api)
-    try:
-        body = json.loads(raw)
-    except ValueError:  # also UnicodeDecodeError
-        return None
-    return body if isinstance(body, dict) else None
-
-
 _VOUCHERS_ADAPTER = TypeAdapter(list[VoucherSeed])
 _TERMINALS_ADAPTER = TypeAdapter(list[TerminalSeed])
 
@@ -719,7 +711,8 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
             # Not recorded in the collection (it has no unauthenticated call): HTTP 401 and a
             # body in the API's own shape.
             return _api_response(_fail(MSG_INVALID_TOKEN), 401, session, gzipped)
-        body = _parse_body(raw)
+        # An empty body is {}: "leave body empty if no eVOUCHERs were scanned" (cancel_payment_api)
+        body = parse_json_object(raw)
         if body is None:
             return _api_response(_fail("Invalid JSON body!"), 400, session, gzipped)
         payload = sandbox.handle(route, terminal, body, session)
@@ -754,7 +747,7 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
 
     async def settings(request: Request) -> Response:
         if request.method == "POST":
-            changes = await _json_object(request)
+            changes = await json_object(request)
             if changes is None:
                 return JSONResponse({"error": "expected a JSON object"}, status_code=400)
             try:
@@ -785,7 +778,3 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
     app.state.sandbox = sandbox
     app.state.faults = injector
     return app
-
-
-async def _json_object(request: Request) -> dict[str, Any] | None:
-    return _parse_body(await request.body())

@@ -242,12 +242,16 @@ async def add_items(
 
 async def json_object(request: Request) -> dict[str, Any] | None:
     """The request's JSON object (an empty body is `{}`); None when it is not one."""
-    raw = await request.body()
+    return parse_json_object(await request.body())
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any] | None:
+    """A JSON object from raw bytes (an empty body is `{}`); None when it is not one."""
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw)
-    except ValueError:
+    except ValueError:  # also UnicodeDecodeError
         return None
     return body if isinstance(body, dict) else None
 
