@@ -119,6 +119,7 @@ from voucher_bridge.sandbox.faults import (
     error_response,
     faults_route,
     json_object,
+    sandbox_server,
     validation_errors,
 )
 
@@ -1626,28 +1627,12 @@ def build_epin_server(
     access_ttl_s: float | None = None,
     refresh_ttl_s: float | None = None,
 ) -> uvicorn.Server:
-    """A uvicorn server for the sandbox, not started (tests run `serve()` in their own loop).
-
-    With port 0 the OS picks a free port: read it from `server.servers[0].sockets` once
-    `server.started` is true.
-    """
-    import uvicorn  # here, so that the state machine imports without the server
-
+    """A uvicorn server for the sandbox, not started (see `faults.sandbox_server`)."""
     sandbox = EpinSandbox.from_seed_file(
         seed_path, access_ttl_s=access_ttl_s, refresh_ttl_s=refresh_ttl_s
     )
-    config = uvicorn.Config(
-        create_app(sandbox, faults or FaultConfig(), prefix=prefix, refresh_path=refresh_path),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        server_header=False,
-        # Calls sleeping in an injected timeout must not hold the shutdown for timeout_sleep_s.
-        timeout_graceful_shutdown=2,
-    )
-    return uvicorn.Server(config)
+    app = create_app(sandbox, faults or FaultConfig(), prefix=prefix, refresh_path=refresh_path)
+    return sandbox_server(app, host, port)
 
 
 def serve_epin(host: str, port: int, seed_path: Path, faults: FaultConfig | None = None) -> None:

@@ -13,13 +13,16 @@ import json
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    import uvicorn
 
 # Where `SandboxStarlette` keeps the server's own `send`, before any middleware wraps it.
 RAW_SEND_KEY = "voucher_bridge.sandbox.raw_send"
@@ -258,3 +261,25 @@ def parse_json_object(raw: bytes) -> dict[str, Any] | None:
 
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+
+
+def sandbox_server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
+    """A uvicorn server for a sandbox app, not started (tests run `serve()` in their own loop).
+
+    With port 0 the OS picks a free port: read it from `server.servers[0].sockets` once
+    `server.started` is true.
+    """
+    import uvicorn  # here, so that the sandboxes' state machines import without the server
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        # Calls sleeping in an injected timeout must not hold the shutdown for timeout_sleep_s.
+        timeout_graceful_shutdown=2,
+    )
+    return uvicorn.Server(config)

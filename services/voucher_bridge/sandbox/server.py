@@ -12,7 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from voucher_bridge.sandbox.evoucher import DEFAULT_LOCK_TTL_S, EvoucherSandbox, create_app
-from voucher_bridge.sandbox.faults import FaultConfig
+from voucher_bridge.sandbox.faults import FaultConfig, sandbox_server
 
 
 def build_evoucher_server(
@@ -24,26 +24,11 @@ def build_evoucher_server(
     *,
     lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
 ) -> uvicorn.Server:
-    """A uvicorn server for the sandbox, not started (tests run `serve()` in their own loop).
-
-    With port 0 the OS picks a free port: read it from `server.servers[0].sockets` once
-    `server.started` is true.
-    """
+    """A uvicorn server for the sandbox, not started (see `faults.sandbox_server`)."""
     sandbox = EvoucherSandbox.from_seed_file(
         seed_path, strict_session=strict_session, lock_ttl_s=lock_ttl_s
     )
-    config = uvicorn.Config(
-        create_app(sandbox, faults or FaultConfig()),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        server_header=False,
-        # Calls sleeping in an injected timeout must not hold the shutdown for timeout_sleep_s.
-        timeout_graceful_shutdown=2,
-    )
-    return uvicorn.Server(config)
+    return sandbox_server(create_app(sandbox, faults or FaultConfig()), host, port)
 
 
 def serve_evoucher(
