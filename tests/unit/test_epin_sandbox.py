@@ -9,7 +9,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from tests.support.clock import FakeClock
 from voucher_bridge.sandbox.epin import (
     MSG_AMOUNT_RANGE,
     MSG_BLANK,
@@ -91,17 +91,6 @@ FACILITY_DISABLED = {
     "errors": {"detail": MSG_FACILITY_DISABLED},
     "data": {},
 }
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2025, 4, 13, 17, 28, 51, tzinfo=UTC).timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

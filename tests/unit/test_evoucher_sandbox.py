@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from tests.support.clock import FakeClock
 from voucher_bridge.sandbox.evoucher import (
     EvoucherSandbox,
     EvoucherSeed,
@@ -53,17 +54,6 @@ EXPIRED = "20000002"  # expired on 2024-11-30
 OTHER_STORE = "30000001"  # nicosia-1
 
 COOKIE_RE = re.compile(r"^OCSESSID=[0-9a-f]{26}; path=/$")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2025, 4, 13, 17, 28, 51, tzinfo=UTC).timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
