@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from voucher_bridge.http_transport import AsyncioHTTPTransport
+
 SCAN_SHARE = 0.2  # of the commands; the rest are bill totals
 TOKEN_PREFIX = "bench-token-"
 MAX_TERMINALS = 1000
@@ -160,7 +162,7 @@ class Upstream:
         self._tokens = config.tokens
         self._http = http_client(config)
         self._lean = lean
-        self._transport = httpx.AsyncHTTPTransport(
+        self._transport = AsyncioHTTPTransport(
             limits=httpx.Limits(
                 max_connections=config.max_connections,
                 max_keepalive_connections=config.max_connections,

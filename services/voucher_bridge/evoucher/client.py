@@ -33,6 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import SecretStr
 
 from voucher_bridge import __version__
+from voucher_bridge.http_transport import AsyncioHTTPTransport
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown
 
 
@@ -86,7 +87,7 @@ class EvoucherClient:
     ) -> None:
         self._tokens = dict(tokens)
         self._sessions = sessions
-        self._transport = transport or httpx.AsyncHTTPTransport(
+        self._transport = transport or AsyncioHTTPTransport(
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
