@@ -11,7 +11,8 @@ pool, HTTP/1.1, timeouts, content decoding) without `AsyncClient` on top: the cl
 jar, URL merging, auth and redirect steps and the OpenTelemetry httpx instrumentation's wrapper
 cost about a fifth of the service's CPU per command in `make bench`, and none of them is
 needed for one fixed URL per route with cookies kept per terminal. The client span that the
-instrumentation would make is made here, with the same name and attributes.
+instrumentation would make is made here, with the same name and attributes. The transport
+runs on an asyncio-native network backend (`http_transport`), for the same reason.
 
 This module only transports: what an answer means is decided in `evoucher.decisions`.
 """
