@@ -215,6 +215,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """TCP only: the transport below is never given a Unix socket (`uds`), so the base class's
+    `connect_unix_socket` (NotImplementedError) stands."""
+
     async def connect_tcp(
         self,
         host: str,
@@ -235,25 +238,6 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                 )
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(_describe(exc)) from None
-        _apply(transport, socket_options)
-        return AsyncioStream(transport, protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(
-                    lambda: _StreamProtocol(loop), path
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"connecting to {path} timed out") from None
         except OSError as exc:
             raise httpcore.ConnectError(_describe(exc)) from None
         _apply(transport, socket_options)
