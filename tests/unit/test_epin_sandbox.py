@@ -1033,6 +1033,7 @@ async def test_admin_users_settings_state_and_reset(
     assert r.status_code == 422
     r = await client.post("/_sandbox/settings", json={"facility": {"nobody": False}})
     assert r.status_code == 422
+    assert r.json() == {"error": "unknown user: nobody"}
     r = await client.post("/_sandbox/settings", json={"max_active_coupons": 20, "min_amount": "1"})
     assert r.json()["max_active_coupons"] == 20 and r.json()["min_amount"] == "1.00"
 
@@ -1048,6 +1049,7 @@ async def test_admin_users_settings_state_and_reset(
     assert r.json()["totals"]["users"] == 4
     assert epin.user("shop-larnaca") is None
     assert epin.settings.max_active_coupons == 50
+    assert (await client.get("/_sandbox/settings")).json()["max_active_coupons"] == 50
     assert (await get(client, ACTIVE, larnaca)).status_code == 401  # tokens forgotten
     assert epin.calls["login"] == 0
 

@@ -255,6 +255,19 @@ async def test_non_strict_session_keeps_bill_per_machine(client: httpx.AsyncClie
     assert (await scan(client, V50))["price"] == "50.00"
 
 
+async def test_settings_refuse_what_is_not_a_valid_object(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/_sandbox/settings")).json()
+    assert before == {"strict_session": True, "lock_ttl_s": before["lock_ttl_s"]}
+    r = await client.post("/_sandbox/settings", content=b"[1]")
+    assert r.status_code == 400
+    for bad in ({"lock_ttl_s": 0}, {"nonsense": 1}):
+        r = await client.post("/_sandbox/settings", json=bad)
+        assert r.status_code == 422 and r.json()["error"]
+    assert (await client.get("/_sandbox/settings")).json() == before
+    r = await client.post("/_sandbox/settings", json={"lock_ttl_s": 7})
+    assert r.json() == {**before, "lock_ttl_s": 7}
+
+
 async def test_lock_belongs_to_machine_across_sessions(client: httpx.AsyncClient) -> None:
     await bill(client, 50)
     await scan(client, V50)

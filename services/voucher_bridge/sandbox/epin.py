@@ -103,7 +103,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -114,13 +114,14 @@ from voucher_bridge.sandbox.faults import (
     FaultInjector,
     FaultKind,
     SandboxStarlette,
+    SettingRefused,
     add_items,
     drop_connection,
     error_response,
     faults_route,
     json_object,
     sandbox_server,
-    validation_errors,
+    settings_route,
 )
 
 if TYPE_CHECKING:
@@ -1577,18 +1578,14 @@ def create_app(
     async def users(request: Request) -> Response:
         return await add_items(request, "users", _USERS_ADAPTER, sandbox.add_users)
 
-    async def settings(request: Request) -> Response:
-        if request.method == "POST":
-            changes = await json_object(request)
-            if changes is None:
-                return JSONResponse({"error": "expected a JSON object"}, status_code=400)
-            try:
-                sandbox.apply_settings(SettingsUpdate.model_validate(changes))
-            except ValidationError as exc:
-                return JSONResponse({"error": validation_errors(exc)}, status_code=422)
-            except KeyError as exc:
-                return JSONResponse({"error": f"unknown user: {exc.args[0]}"}, status_code=422)
-        return JSONResponse(sandbox.settings.as_json())
+    def apply_settings(changes: dict[str, Any]) -> None:
+        try:
+            sandbox.apply_settings(SettingsUpdate.model_validate(changes))
+        except KeyError as exc:
+            raise SettingRefused(f"unknown user: {exc.args[0]}") from None
+
+    # Read at each call: a reset replaces the sandbox's settings object.
+    settings = settings_route(lambda: sandbox.settings.as_json(), apply_settings)
 
     async def expire_tokens(request: Request) -> Response:
         changes = await json_object(request)

@@ -34,7 +34,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -49,9 +49,8 @@ from voucher_bridge.sandbox.faults import (
     drop_connection,
     error_response,
     faults_route,
-    json_object,
     parse_json_object,
-    validation_errors,
+    settings_route,
 )
 
 CENT = Decimal("0.01")
@@ -745,22 +744,17 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
     async def add_terminals(request: Request) -> Response:
         return await add_items(request, "terminals", _TERMINALS_ADAPTER, sandbox.add_terminals)
 
-    async def settings(request: Request) -> Response:
-        if request.method == "POST":
-            changes = await json_object(request)
-            if changes is None:
-                return JSONResponse({"error": "expected a JSON object"}, status_code=400)
-            try:
-                update = SandboxSettings.model_validate(changes)
-            except ValidationError as exc:
-                return JSONResponse({"error": validation_errors(exc)}, status_code=422)
-            if update.strict_session is not None:
-                sandbox.strict_session = update.strict_session
-            if update.lock_ttl_s is not None:
-                sandbox.lock_ttl_s = update.lock_ttl_s
-        return JSONResponse(
-            {"strict_session": sandbox.strict_session, "lock_ttl_s": sandbox.lock_ttl_s}
-        )
+    def current_settings() -> dict[str, Any]:
+        return {"strict_session": sandbox.strict_session, "lock_ttl_s": sandbox.lock_ttl_s}
+
+    def apply_settings(changes: dict[str, Any]) -> None:
+        update = SandboxSettings.model_validate(changes)
+        if update.strict_session is not None:
+            sandbox.strict_session = update.strict_session
+        if update.lock_ttl_s is not None:
+            sandbox.lock_ttl_s = update.lock_ttl_s
+
+    settings = settings_route(current_settings, apply_settings)
 
     app = SandboxStarlette(
         routes=[

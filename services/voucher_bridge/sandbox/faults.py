@@ -206,21 +206,36 @@ async def drop_connection(scope: Scope) -> None:
 # --- the admin API's pieces both sandboxes share ------------------------------------------------
 
 
-def faults_route(injector: FaultInjector) -> Callable[[Request], Awaitable[Response]]:
-    """`GET|POST /_sandbox/faults`: the fault config; POST merges the fields it is given."""
+class SettingRefused(Exception):
+    """A settings change that validated but cannot be applied (its message is the answer)."""
 
-    async def faults_endpoint(request: Request) -> Response:
+
+def settings_route(
+    current: Callable[[], dict[str, Any]], apply: Callable[[dict[str, Any]], object]
+) -> Callable[[Request], Awaitable[Response]]:
+    """`GET|POST` of a settings object (the fault config, a sandbox's settings): GET answers
+    `current()`; POST first hands the request's JSON object to `apply`, answering 400 when the
+    body is not an object and 422 when `apply` raises ValidationError or SettingRefused."""
+
+    async def endpoint(request: Request) -> Response:
         if request.method == "POST":
             changes = await json_object(request)
             if changes is None:
                 return JSONResponse({"error": "expected a JSON object"}, status_code=400)
             try:
-                injector.update(changes)
+                apply(changes)
             except ValidationError as exc:
                 return JSONResponse({"error": validation_errors(exc)}, status_code=422)
-        return JSONResponse(injector.snapshot())
+            except SettingRefused as exc:
+                return JSONResponse({"error": str(exc)}, status_code=422)
+        return JSONResponse(current())
 
-    return faults_endpoint
+    return endpoint
+
+
+def faults_route(injector: FaultInjector) -> Callable[[Request], Awaitable[Response]]:
+    """`GET|POST /_sandbox/faults`: the fault config; POST merges the fields it is given."""
+    return settings_route(injector.snapshot, injector.update)
 
 
 async def add_items(
