@@ -148,7 +148,8 @@ as_pg() {
     (cd "$VAR" && runuser -u "$PG_OS_USER" -- "$@") 9>&-
   else
     # shellcheck disable=SC2016  # $0 and $@ are expanded by the inner shell
-    (cd "$VAR" && su -s /bin/sh "$PG_OS_USER" -c 'exec "$0" "$@"' "$@") 9>&-
+    # `--`: without it su takes the command's own options (`test -w`) as its own.
+    (cd "$VAR" && su -s /bin/sh "$PG_OS_USER" -c 'exec "$0" "$@"' -- "$@") 9>&-
   fi
 }
 
