@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
+from voucher_contracts.money import exact_decimal
+
 
 def _text(value: Any) -> Any:
     # Ids and amounts may come as JSON numbers or strings; the API takes them as text.
@@ -22,16 +24,10 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _amount(value: Any) -> Any:
-    if isinstance(value, bool | float):
-        raise ValueError("must be a decimal number or a decimal string, not a float")
-    if isinstance(value, str):
-        value = value.strip()
-    return value
-
-
 Text = Annotated[str, BeforeValidator(_text), Field(min_length=1, max_length=256)]
-Amount = Annotated[Decimal, BeforeValidator(_amount), Field(gt=0, max_digits=12, decimal_places=2)]
+Amount = Annotated[
+    Decimal, BeforeValidator(exact_decimal), Field(gt=0, max_digits=12, decimal_places=2)
+]
 
 
 class _CouponData(BaseModel):

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from voucher_contracts.money import exact_decimal
+
 MAX_BILL_TOTAL = Decimal("99999999.99")
-
-
-def _exact_decimal(value: Any) -> Any:
-    # Money never goes through float: a JSON number is decoded to Decimal before it gets here
-    # (see binding.decode_json); a float here means a caller lost precision already.
-    if isinstance(value, bool | float):
-        raise ValueError("must be a decimal number or a decimal string, not a float")
-    if isinstance(value, str):
-        value = value.strip()
-    return value
 
 
 def _two_places(value: Decimal) -> Decimal:
@@ -33,7 +25,7 @@ def _two_places(value: Decimal) -> Decimal:
     return cents
 
 
-Money = Annotated[Decimal, BeforeValidator(_exact_decimal), AfterValidator(_two_places)]
+Money = Annotated[Decimal, BeforeValidator(exact_decimal), AfterValidator(_two_places)]
 
 # Codes travel joined by ';' to the upstream, so a code may not contain one.
 VoucherCode = Annotated[
