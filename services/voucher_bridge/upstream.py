@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Generic, TypeVar
 
+from voucher_contracts.binding import decode_json
+
 T = TypeVar("T")
 
 
@@ -78,6 +80,16 @@ async def call_with_retries(
         if not retryable or attempts >= retry.attempts:
             return Attempts(outcome, attempts, may_have_reached)
         await asyncio.sleep(retry.delay(attempts))
+
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """An answer's body as a JSON object, numbers exact (a price is never a float); None when
+    the body is not a JSON object."""
+    try:
+        body = decode_json(raw)
+    except ValueError:  # not JSON, not UTF-8, or nested too deeply
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def money(value: Any) -> Decimal | None:

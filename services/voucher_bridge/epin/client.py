@@ -17,14 +17,13 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import SecretStr
 
-from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
 
 
 class Unauthorized(Exception):
@@ -188,12 +187,8 @@ class EpinClient:
             raise CallNotSent(f"{path}: {type(exc).__name__}") from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise CallOutcomeUnknown(f"{path}: {type(exc).__name__}") from None
-        try:
-            body = json.loads(response.content, parse_float=Decimal)
-        except (ValueError, RecursionError):
-            body = None
         elapsed_ms = int((time.monotonic() - started) * 1000)
-        return Answer(response.status_code, body if isinstance(body, dict) else None, elapsed_ms)
+        return Answer(response.status_code, json_object(response.content), elapsed_ms)
 
     # -- tokens -------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from pydantic import SecretStr
 
 from voucher_bridge import __version__
 from voucher_bridge.http_transport import AsyncioHTTPTransport
-from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown
+from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
 
 
 class Route(StrEnum):
@@ -158,7 +158,7 @@ class EvoucherClient:
         fresh = session_cookies(response)
         if fresh and any(cookies.get(k) != v for k, v in fresh.items()):
             await self._sessions.save(terminal, {**cookies, **fresh})
-        return Answer(response.status_code, _json_object(response), elapsed_ms)
+        return Answer(response.status_code, json_object(response.content), elapsed_ms)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -215,11 +215,3 @@ def encode_json(body: dict[str, Any]) -> bytes:
     for marker, number in numbers.items():
         text = text.replace(json.dumps(marker), number)
     return text.encode()
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        body = json.loads(response.content, parse_float=Decimal)  # a price is never a float
-    except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
