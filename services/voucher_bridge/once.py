@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from voucher_bridge import metrics
+from voucher_bridge.results import Decision, result
 from voucher_bridge.store.base import (
     ClaimKind,
     CommandKey,
@@ -242,14 +243,9 @@ class ExactlyOnce:
             # A bug must not stop the partition, and the sender must hear back. Whether a
             # money-moving call went out is known: it had if the recovery point was passed.
             log.exception("handling %s %s failed", command.type, command.id)
-            return ResultData(
-                command_id=command.id,
-                command_source=command.source,
-                command_type=command.type,
-                outcome=Outcome.INDETERMINATE if sent else Outcome.FAILED,
-                reason="internal_error",
-                message=type(exc).__name__,
-            )
+            outcome = Outcome.INDETERMINATE if sent else Outcome.FAILED
+            decision = Decision(outcome, "internal_error", type(exc).__name__)
+            return result(command, decision, UpstreamReport())
 
     # -- background ---------------------------------------------------------------------------
 
@@ -307,12 +303,9 @@ class PublishSuperseding(Protocol):
 
 
 def _key_reused(command: CommandEnvelope) -> ResultData:
-    return ResultData(
-        command_id=command.id,
-        command_source=command.source,
-        command_type=command.type,
-        outcome=Outcome.REJECTED,
-        reason="idempotency_key_reused",
-        message="another command with this source and id, with different content, came first",
-        upstream=UpstreamReport(),
+    decision = Decision(
+        Outcome.REJECTED,
+        "idempotency_key_reused",
+        "another command with this source and id, with different content, came first",
     )
+    return result(command, decision, UpstreamReport())

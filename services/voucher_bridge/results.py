@@ -29,6 +29,14 @@ def invalid(exc: ValidationError) -> Decision:
     )
 
 
+def unanswered(*, moves_money: bool, may_have_reached: bool) -> Decision:
+    """No answer within the budget: `failed` if the call cannot have taken effect, else (for a
+    call that moves money) `indeterminate` until reconciled."""
+    if may_have_reached and moves_money:
+        return Decision(Outcome.INDETERMINATE, "upstream_unavailable")
+    return Decision(Outcome.FAILED, "upstream_unavailable")
+
+
 def result(command: CommandEnvelope, decision: Decision, report: UpstreamReport) -> ResultData:
     return ResultData(
         command_id=command.id,

@@ -21,8 +21,8 @@ from voucher_bridge.evoucher.decisions import (
     Decision,
     decide,
     request_for,
-    unanswered,
 )
+from voucher_bridge.results import unanswered
 from voucher_bridge.upstream import Answer
 from voucher_contracts import Outcome
 from voucher_contracts.pos import BillTotal, Cancel, PosCommandData, Redeem, Remove, Scan
@@ -548,5 +548,7 @@ def test_money_moving() -> None:
     ],
 )
 def test_unanswered(command_type: str, may_have_reached: bool, outcome: Outcome) -> None:
-    decision = unanswered(command_type, may_have_reached=may_have_reached)
+    decision = unanswered(
+        moves_money=command_type in MONEY_MOVING, may_have_reached=may_have_reached
+    )
     assert decision == Decision(outcome, "upstream_unavailable")

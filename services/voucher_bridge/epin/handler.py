@@ -12,7 +12,6 @@ again, so the key is never burnt by a retry of ours.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,7 +19,8 @@ from typing import Any
 
 from voucher_bridge.epin.client import EpinClient, Unauthorized
 from voucher_bridge.epin.decisions import MONEY_MOVING, PAGINATED, decide, request_for
-from voucher_bridge.results import Decision, precheck, result
+from voucher_bridge.once import BeforeSend
+from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
     Answer,
     CallNotSent,
@@ -39,8 +39,6 @@ from voucher_contracts.coupon import (
     Share,
     Transfer,
 )
-
-BeforeSend = Callable[[], Awaitable[None]]
 
 
 class CouponCommandHandler:
@@ -106,9 +104,9 @@ class CouponCommandHandler:
         may_have_reached: bool,
     ) -> Decision:
         if answer is None or (answer.status >= 500 and command_type not in MONEY_MOVING):
-            if may_have_reached and command_type in MONEY_MOVING:
-                return Decision(Outcome.INDETERMINATE, "upstream_unavailable")
-            return Decision(Outcome.FAILED, "upstream_unavailable")
+            return unanswered(
+                moves_money=command_type in MONEY_MOVING, may_have_reached=may_have_reached
+            )
         return decide(command_type, data, answer, listed)
 
     async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:

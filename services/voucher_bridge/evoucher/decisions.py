@@ -122,10 +122,3 @@ def _success_details(data: PosCommandData, body: dict[str, Any]) -> dict[str, An
 def _message(body: dict[str, Any] | None) -> str | None:
     message = body.get("message") if body else None
     return message if isinstance(message, str) else None
-
-
-def unanswered(command_type: str, *, may_have_reached: bool) -> Decision:
-    """No answer within the budget: `failed` if the call cannot have taken effect."""
-    if may_have_reached and command_type in MONEY_MOVING:
-        return Decision(Outcome.INDETERMINATE, "upstream_unavailable")
-    return Decision(Outcome.FAILED, "upstream_unavailable")

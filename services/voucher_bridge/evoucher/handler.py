@@ -5,16 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
 
 from voucher_bridge.evoucher.client import EvoucherClient, Route
-from voucher_bridge.evoucher.decisions import (
-    MONEY_MOVING,
-    decide,
-    request_for,
-    unanswered,
-)
-from voucher_bridge.results import Decision, precheck, result
+from voucher_bridge.evoucher.decisions import MONEY_MOVING, decide, request_for
+from voucher_bridge.once import BeforeSend
+from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
     Answer,
     CallNotSent,
@@ -24,8 +19,6 @@ from voucher_bridge.upstream import (
 )
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
 from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Scan
-
-BeforeSend = Callable[[], Awaitable[None]]
 
 
 class PosCommandHandler:
@@ -158,5 +151,7 @@ def _decision(
     command_type: str, data: PosCommandData, answer: Answer | None, may_have_reached: bool
 ) -> Decision:
     if answer is None or (answer.status >= 500 and command_type not in MONEY_MOVING):
-        return unanswered(command_type, may_have_reached=may_have_reached)
+        return unanswered(
+            moves_money=command_type in MONEY_MOVING, may_have_reached=may_have_reached
+        )
     return decide(command_type, data, answer)
