@@ -561,6 +561,10 @@ async def test_lost_create_answer_is_reconciled_from_the_history(
     form_key = state.form_key(key)
     assert form_key is not None and form_key.uses == 1
     assert wallet(state) == Decimal("4960.00")
+    # The history is read for the create's wallet only, before and after the call.
+    history = [r for r in upstream.requests if _key(r) == "GET user/epin/history/"]
+    assert len(history) >= 2
+    assert {r.url.params.get("wallet") for r in history} == {"wallet1"}
 
 
 @pytest.mark.parametrize(

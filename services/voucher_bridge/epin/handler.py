@@ -238,8 +238,10 @@ class CouponCommandHandler:
         status = data.get("refund_status") if isinstance(data, dict) else None
         return status if isinstance(status, str) else None
 
-    async def _history(self, account: str) -> list[dict[str, Any]] | None:
-        answer, entries = await self._client.call_all_pages(account, "user/epin/history/")
+    async def _history(
+        self, account: str, params: dict[str, str] | None = None
+    ) -> list[dict[str, Any]] | None:
+        answer, entries = await self._client.call_all_pages(account, "user/epin/history/", params)
         return entries if answer.status == 200 else None
 
     async def _in_history(
@@ -257,7 +259,9 @@ class CouponCommandHandler:
     async def _history_count(
         self, account: str, action: str, since: float, *, wallet: str, amount: Decimal | None
     ) -> int | None:
-        entries = await self._history(account)
+        # Only that wallet's history is read (the API filters by `wallet`); the entries are
+        # still checked here, whatever the filter did.
+        entries = await self._history(account, {"wallet": wallet})
         if entries is None:
             return None
         return sum(
