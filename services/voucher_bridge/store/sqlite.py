@@ -180,7 +180,7 @@ class SqliteStore:
         def claim(db: sqlite3.Connection) -> Claim:
             key = command.key
             row = db.execute(
-                "SELECT content_hash, state, owner, sent_at, result, revision, "
+                "SELECT content_hash, state, sent_at, result, revision, "
                 "(SELECT heartbeat_at FROM instances WHERE id = commands.owner) "
                 "FROM commands WHERE source = ? AND id = ?",
                 (key.source, key.id),
@@ -206,7 +206,7 @@ class SqliteStore:
                     ),
                 )
                 return Claim(ClaimKind.NEW, token=token)
-            stored = StoredCommand(row[0], State(row[1]), row[3], row[4], row[5], row[6])
+            stored = StoredCommand(row[0], State(row[1]), row[2], row[3], row[4], row[5])
             claim = decide_claim(stored, command.content_hash, token, stale_before)
             if claim.kind is ClaimKind.RESUME:
                 db.execute(
