@@ -306,16 +306,17 @@ class _LinearConnectionPool(httpcore.AsyncConnectionPool):
 
 
 class AsyncioHTTPTransport(httpx.AsyncHTTPTransport):
-    """`httpx.AsyncHTTPTransport` (TLS verified as httpx does, no proxy) whose httpcore pool runs on
-    `AsyncioBackend`. httpx's transport has no parameter for a network backend, so the pool it
-    built is replaced with one configured the same way plus the backend (and the linear
-    request assignment above)."""
+    """`httpx.AsyncHTTPTransport` (TLS verified as httpx does, no proxy) whose httpcore pool runs
+    on `AsyncioBackend`. httpx's transport has no parameter for a network backend, so this
+    builds the pool itself, configured as httpx would, plus the backend (and the linear request
+    assignment above); the rest of the transport (request and error mapping) is httpx's."""
 
     def __init__(
         self, limits: httpx.Limits | None = None, verify: ssl.SSLContext | bool = True
     ) -> None:
+        # Not super().__init__(): all it does is build the pool (and an SSL context, loading
+        # the CA bundle) that would be replaced here at once.
         limits = limits or httpx.Limits()
-        super().__init__(limits=limits, verify=verify)
         self._pool = _LinearConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify),
             max_connections=limits.max_connections,
