@@ -9,6 +9,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from voucher_bridge.sandbox.faults import FaultConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,24 +30,22 @@ def main(argv: list[str] | None = None) -> int:
 
     sandbox = commands.add_parser("sandbox", help="run an upstream API sandbox")
     which = sandbox.add_subparsers(dest="sandbox", required=True)
-    evoucher = which.add_parser("evoucher", help="the eVOUCHER POS API sandbox")
-    evoucher.add_argument("--host", default="127.0.0.1")
+    # What both sandboxes take: where to listen, and the faults to inject.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", default="127.0.0.1")
+    common.add_argument("--latency-ms", type=float, default=0.0)
+    common.add_argument("--error-rate", type=float, default=0.0)
+    common.add_argument("--timeout-rate", type=float, default=0.0)
+    common.add_argument("--drop-after-apply-rate", type=float, default=0.0)
+
+    evoucher = which.add_parser("evoucher", parents=[common], help="the eVOUCHER POS API sandbox")
     evoucher.add_argument("--port", type=int, default=8081)
     evoucher.add_argument("--seed", type=Path, default=Path("deploy/sandbox/evoucher-seed.json"))
-    evoucher.add_argument("--latency-ms", type=float, default=0.0)
-    evoucher.add_argument("--error-rate", type=float, default=0.0)
-    evoucher.add_argument("--timeout-rate", type=float, default=0.0)
-    evoucher.add_argument("--drop-after-apply-rate", type=float, default=0.0)
     evoucher.add_argument("--no-strict-session", action="store_true")
 
-    epin = which.add_parser("epin", help="the Epixel Epin coupons API sandbox")
-    epin.add_argument("--host", default="127.0.0.1")
+    epin = which.add_parser("epin", parents=[common], help="the Epixel Epin coupons API sandbox")
     epin.add_argument("--port", type=int, default=8082)
     epin.add_argument("--seed", type=Path, default=Path("deploy/sandbox/epin-seed.json"))
-    epin.add_argument("--latency-ms", type=float, default=0.0)
-    epin.add_argument("--error-rate", type=float, default=0.0)
-    epin.add_argument("--timeout-rate", type=float, default=0.0)
-    epin.add_argument("--drop-after-apply-rate", type=float, default=0.0)
     epin.add_argument("--access-ttl-s", type=float, default=None)
 
     demo = commands.add_parser(
@@ -113,44 +115,33 @@ def _asyncapi(out: Path) -> int:
     return 0
 
 
-def _sandbox_evoucher(args: argparse.Namespace) -> int:
+def _faults(args: argparse.Namespace) -> FaultConfig:
     from voucher_bridge.sandbox.faults import FaultConfig
-    from voucher_bridge.sandbox.server import serve_evoucher
 
-    faults = FaultConfig(
+    return FaultConfig(
         latency_ms=args.latency_ms,
         error_rate=args.error_rate,
         timeout_rate=args.timeout_rate,
         drop_after_apply_rate=args.drop_after_apply_rate,
     )
+
+
+def _sandbox_evoucher(args: argparse.Namespace) -> int:
+    from voucher_bridge.sandbox.server import serve_evoucher
+
     serve_evoucher(
-        args.host, args.port, args.seed, faults, strict_session=not args.no_strict_session
+        args.host, args.port, args.seed, _faults(args), strict_session=not args.no_strict_session
     )
     return 0
 
 
 def _sandbox_epin(args: argparse.Namespace) -> int:
-    from voucher_bridge.sandbox import epin_server
+    from voucher_bridge.sandbox.epin import build_epin_server
 
-    faults = {
-        "latency_ms": args.latency_ms,
-        "error_rate": args.error_rate,
-        "timeout_rate": args.timeout_rate,
-        "drop_after_apply_rate": args.drop_after_apply_rate,
-    }
-    argv = [
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--seed",
-        str(args.seed),
-        "--faults",
-        json.dumps(faults),
-    ]
-    if args.access_ttl_s is not None:
-        argv += ["--access-ttl-s", str(args.access_ttl_s)]
-    epin_server.main(argv)
+    server = build_epin_server(
+        args.host, args.port, args.seed, _faults(args), access_ttl_s=args.access_ttl_s
+    )
+    server.run()
     return 0
 
 

@@ -2,8 +2,8 @@
 
 `EpinSandbox` is the state machine (no HTTP: one method per endpoint, each returning
 `(http_status, json_body)`); `create_app` puts it behind the upstream's URLs and headers and the
-shared fault injection, plus an admin API under `/_sandbox/`; `build_epin_server` and
-`serve_epin` run it with uvicorn (`python -m voucher_bridge.sandbox.epin_server`).
+shared fault injection, plus an admin API under `/_sandbox/`; `build_epin_server` runs it
+with uvicorn (`python -m voucher_bridge.sandbox.epin_server`).
 
 FROM THE VENDOR'S FILES (/work/shared/upstream/epin-coupons-api.txt and the vendor's
 authentication page as summarised in NOTES.md): the endpoint paths and methods, the `apikey` and
@@ -1630,8 +1630,3 @@ def build_epin_server(
     )
     app = create_app(sandbox, faults or FaultConfig(), prefix=prefix, refresh_path=refresh_path)
     return sandbox_server(app, host, port)
-
-
-def serve_epin(host: str, port: int, seed_path: Path, faults: FaultConfig | None = None) -> None:
-    """Serve until interrupted (blocking)."""
-    build_epin_server(host, port, seed_path, faults).run()

@@ -15,11 +15,10 @@ from voucher_bridge.sandbox.epin import (
     DEFAULT_PREFIX,
     DEFAULT_REFRESH_PATH,
     build_epin_server,
-    serve_epin,
 )
 from voucher_bridge.sandbox.faults import FaultConfig
 
-__all__ = ["build_epin_server", "main", "serve_epin"]
+__all__ = ["build_epin_server", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
