@@ -94,7 +94,8 @@ def test_structured_mode_reads_every_attribute() -> None:
         tracestate="congo=t61rcWkgMzE",
         storeid="limassol-3",
         priority=5,
-        nested={"not": "kept"},
+        urgent=True,
+        dataschema="https://schemas.example.cy/pos/bill_total/1",
     )
     command = decode_command([CT], value)
     assert command.specversion == "1.0"
@@ -107,8 +108,10 @@ def test_structured_mode_reads_every_attribute() -> None:
     assert command.data == {"bill_total": "12.50"}
     assert command.traceparent == TRACEPARENT
     assert command.tracestate == "congo=t61rcWkgMzE"
-    # Extension attributes (text or integer) are kept as text; objects are not attributes.
-    assert command.extensions == {"storeid": "limassol-3", "priority": "5"}
+    assert command.dataschema == "https://schemas.example.cy/pos/bill_total/1"
+    # Extension attributes are kept with their JSON types.
+    assert command.extensions == {"storeid": "limassol-3", "priority": 5, "urgent": True}
+    assert type(command.extensions["urgent"]) is bool
     assert command.idempotency_key == (SOURCE, "cmd-1")
 
 
@@ -243,7 +246,7 @@ def test_data_base64_not_a_string_is_unusable() -> None:
 
 
 def test_deeply_nested_json_is_unusable() -> None:
-    assert unusable([], b"[" * 100_000) == "not_json"
+    assert unusable([], b"[" * 100_000) == "too_deep"
 
 
 @pytest.mark.parametrize("value", [None, b""])
@@ -269,7 +272,6 @@ def test_not_a_cloudevent(value: bytes) -> None:
         ({"subject": None}, ["subject"]),
         ({"id": "   "}, ["id"]),
         ({"subject": ""}, ["subject"]),
-        ({"id": 7}, ["id"]),
         ({"id": None, "subject": None}, ["id", "subject"]),
     ],
 )
@@ -350,14 +352,13 @@ def test_unusable_record_carries_reason_and_detail() -> None:
     ("given", "expected"),
     [
         ("12.50", "12.50"),
-        (" 12.5 ", "12.50"),
+        ("12.5", "12.50"),
         (Decimal("12.5"), "12.50"),
         (Decimal("0.1"), "0.10"),
         (12, "12.00"),
         (0, "0.00"),
         ("0", "0.00"),
-        ("1e2", "100.00"),
-        ("12.340", "12.34"),
+        ("0.05", "0.05"),
         (MAX_BILL_TOTAL, "99999999.99"),
     ],
 )
@@ -388,6 +389,24 @@ def test_bill_total_accepts(given: Any, expected: str) -> None:
         None,
         MAX_BILL_TOTAL + Decimal("0.01"),
         [12],
+        # The strict grammar: no sign, exponent, separators, blanks, leading point, 3 places,
+        # and only ASCII digits.
+        "-0",
+        "+50",
+        "1_000",
+        "1,000",
+        ".5",
+        "5.",
+        " 12.5 ",
+        "1e2",
+        "12.340",
+        "007",
+        "\u0661\u0662",  # Arabic-Indic digits, which Decimal() itself takes
+        "\uff11\uff12",  # full-width digits
+        Decimal("1E+2"),
+        Decimal("-0"),
+        Decimal("12.340"),
+        10**20,
     ],
 )
 def test_bill_total_rejects(given: Any) -> None:
@@ -584,3 +603,284 @@ def test_result_envelope_encoding() -> None:
     assert decoded["data"]["amount"] == "50.00"
     # None fields are left out.
     assert "supersedes" not in decoded["data"]
+
+
+# -- what cannot be carried further is refused at the door (issue 10) --------------------------
+
+
+LONE_SURROGATE = b'"\\ud800"'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # The reproducer: a lone surrogate escape anywhere in `data`.
+        b'{"specversion":"1.0","id":"1","source":"/s","type":"pos.scan","subject":"till-1",'
+        b'"data":{"voucher_code":"A1","x":"\\ud800"}}',
+        structured(data={"voucher_code": "A1"}).replace(b'"A1"', LONE_SURROGATE),
+        structured().replace(b'"cmd-1"', LONE_SURROGATE),  # in an attribute
+        structured(data={"k": ["x"]}).replace(b'"x"', b'"\\udfff"'),
+        structured(data={"k": 1}).replace(b'"k"', LONE_SURROGATE),  # in a member name
+    ],
+)
+def test_a_lone_surrogate_is_not_json(value: bytes) -> None:
+    assert unusable([CT], value) == "not_json"
+
+
+def test_a_proper_surrogate_pair_is_fine() -> None:
+    value = structured(data={"voucher_code": "A1", "x": "y"}).replace(b'"y"', b'"\\ud83d\\ude00"')
+    assert decode_command([CT], value).data["x"] == "\U0001f600"
+
+
+def test_a_lone_surrogate_in_binary_data_is_not_json() -> None:
+    assert unusable(binary_headers(), b'{"voucher_code":"\\ud800"}') == "not_json"
+
+
+@pytest.mark.parametrize("depth", [63, 64])
+def test_nesting_up_to_the_limit_is_kept(depth: int) -> None:
+    # `data` is level 2 of the event (the event object itself is level 1).
+    data: Any = 1
+    for _ in range(depth - 1):
+        data = [data]
+    decode_command([CT], structured(data=data))
+
+
+@pytest.mark.parametrize("depth", [65, 254, 300, 5000])
+def test_nesting_past_the_limit_is_too_deep(depth: int) -> None:
+    nested = b"[" * (depth - 1) + b"1" + b"]" * (depth - 1)
+    value = structured(data={"x": "PLACEHOLDER"}).replace(b'"PLACEHOLDER"', nested)
+    assert unusable([CT], value) == "too_deep"
+    assert unusable(binary_headers(), b'{"x":' + nested + b"}") == "too_deep"
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: bytes) -> None:
+    value = structured(data={"bill_total": "X"}).replace(b'"X"', constant)
+    assert unusable([CT], value) == "not_json"
+
+
+def test_a_repeated_member_name_is_not_json() -> None:
+    # Two parsers may keep different copies: which id or amount did the sender mean?
+    value = structured().replace(b'"id": "cmd-1"', b'"id": "cmd-1", "id": "cmd-2"')
+    assert unusable([CT], value) == "not_json"
+    assert unusable(binary_headers(), b'{"bill_total":"1","bill_total":"2"}') == "not_json"
+
+
+@pytest.mark.parametrize("name", ["id", "source", "type", "subject"])
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1f", "\x7f", "\x85", "\x9f", "\ufffe", "\ufdd0"])
+def test_attribute_strings_refuse_control_characters_and_noncharacters(
+    name: str, char: str
+) -> None:
+    value = event()
+    value[name] = f"a{char}b"
+    assert unusable([CT], json.dumps(value).encode()) == "invalid_attribute"
+    headers = [(k, v) for k, v in binary_headers() if k != f"ce_{name}"]
+    headers.append((f"ce_{name}", f"a{char}b".encode()))
+    assert unusable(headers, b'{"bill_total":"1"}') == "invalid_attribute"
+
+
+def test_the_colliding_result_id_pairs_cannot_both_be_accepted() -> None:
+    # Joined with NUL, (`/a\x00x`, `c9`) and (`/a`, `x\x00c9`) would name the same result id.
+    assert result_id("/a\x00x", "c9") == result_id("/a", "x\x00c9")
+    for source, id_ in [("/a\x00x", "c9"), ("/a", "x\x00c9")]:
+        value = json.dumps(event(source=source, id=id_)).encode()
+        assert unusable([CT], value) == "invalid_attribute"
+
+
+def test_unrecorded_result_id_is_neither_the_result_id_nor_a_revision() -> None:
+    from voucher_contracts.envelope import unrecorded_result_id
+
+    unrecorded = unrecorded_result_id(SOURCE, "cmd-1")
+    assert unrecorded == unrecorded_result_id(SOURCE, "cmd-1")
+    assert unrecorded not in {result_id(SOURCE, "cmd-1", revision) for revision in range(5)}
+
+
+@pytest.mark.parametrize("number", [7, 1.5, 0])
+def test_a_non_string_id_is_an_invalid_attribute(number: float) -> None:
+    assert unusable([CT], structured(id=number)) == "invalid_attribute"
+
+
+@pytest.mark.parametrize(
+    "source", ["/stores/limassol 3", "/stores/λεμεσός", "/a#b#c", "/a%zz", "/a\\b", "/a<b>"]
+)
+def test_source_must_be_a_uri_reference(source: str) -> None:
+    assert unusable([CT], structured(source=source)) == "invalid_attribute"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/stores/limassol-3/pos/1st_floor_machine_1",
+        "https://pos.example.cy/stores/3?till=1#x",
+        "urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66",
+        "mailto:pos@example.cy",
+        "/stores/lemes%CF%8C%CF%82",
+        "till-1",
+    ],
+)
+def test_source_uri_references_are_accepted(source: str) -> None:
+    assert decode_command([CT], structured(source=source)).source == source
+
+
+@pytest.mark.parametrize(
+    ("time", "expected"),
+    [
+        ("2025-04-13T17:28:51Z", datetime(2025, 4, 13, 17, 28, 51, tzinfo=UTC)),
+        ("2025-04-13t17:28:51z", datetime(2025, 4, 13, 17, 28, 51, tzinfo=UTC)),
+        ("2025-04-13T17:28:51.123456789Z", datetime(2025, 4, 13, 17, 28, 51, 123456, UTC)),
+        ("2025-04-13T20:28:51+03:00", datetime(2025, 4, 13, 17, 28, 51, tzinfo=UTC)),
+        ("2025-04-13T17:28:51-00:00", datetime(2025, 4, 13, 17, 28, 51, tzinfo=UTC)),
+        # A leap second: the first instant of the next second, as POSIX time counts it.
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),
+        ("2016-12-31T23:59:60.5Z", datetime(2017, 1, 1, 0, 0, 0, 500000, UTC)),
+    ],
+)
+def test_time_accepts_rfc3339(time: str, expected: datetime) -> None:
+    assert decode_command([CT], structured(time=time)).time == expected
+    assert decode_command(binary_headers(time=time), b"{}").time == expected
+
+
+@pytest.mark.parametrize(
+    "time",
+    [
+        "2025-04-13T17:28:51",  # no offset
+        "2025-04-13",  # a date only
+        "2025-W15-7T17:28:51Z",  # an ISO week date
+        "2025-04-13 17:28:51Z",  # a space for T
+        "20250413T172851Z",  # ISO 8601 basic format
+        "2025-04-13T17:28Z",  # no seconds
+        "2025-04-13T17:28:61Z",
+        "2025-04-13T24:00:00Z",
+        "2025-02-30T00:00:00Z",
+        "2025-04-13T17:28:51+24:00",
+        "2025-04-13T17:28:51.Z",
+        "2025-04-13T17:28:51+0300",
+        "\u0662025-04-13T17:28:51Z",  # a non-ASCII digit
+    ],
+)
+def test_time_refuses_what_is_not_rfc3339(time: str) -> None:
+    assert unusable([CT], structured(time=time)) == "invalid_attribute"
+    assert unusable(binary_headers(time=time), b"{}") == "invalid_attribute"
+
+
+@pytest.mark.parametrize("time", [1744565331, 1744565331.5, True, ["2025-04-13T17:28:51Z"]])
+def test_a_time_that_is_not_a_string_is_refused_not_dropped(time: Any) -> None:
+    value = json.dumps(event(time="X")).replace('"X"', json.dumps(time)).encode()
+    assert unusable([CT], value) == "invalid_attribute"
+
+
+def test_a_null_attribute_is_an_unset_one() -> None:
+    value = json.dumps({**event(), "time": None, "tracestate": None, "storeid": None}).encode()
+    command = decode_command([CT], value)
+    assert command.time is None and command.tracestate is None and command.extensions == {}
+
+
+@pytest.mark.parametrize(
+    "extension",
+    [{"nested": {"not": "an attribute"}}, {"list": [1]}, {"big": 2**31}, {"small": -(2**31) - 1}],
+)
+def test_extension_values_outside_the_type_system_are_refused(extension: dict[str, Any]) -> None:
+    value = json.dumps({**event(), **extension}).encode()
+    assert unusable([CT], value) == "invalid_attribute"
+
+
+def test_a_decimal_extension_is_refused() -> None:
+    assert unusable([CT], structured(weight=1.5)) == "invalid_attribute"
+
+
+@pytest.mark.parametrize("name", ["storeId", "store_id", "store-id", "ünicode", ""])
+def test_extension_names_must_be_lower_case_ascii_letters_and_digits(name: str) -> None:
+    value = json.dumps({**event(), name: "x"}).encode()
+    assert unusable([CT], value) == "invalid_attribute"
+
+
+def test_binary_extensions_are_kept_as_their_header_text() -> None:
+    command = decode_command([*binary_headers(), ("ce_priority", b"5")], b"{}")
+    assert command.extensions == {"priority": "5"}
+
+
+def test_integer_extension_bounds_are_kept() -> None:
+    command = decode_command([CT], structured(low=-(2**31), high=2**31 - 1))
+    assert command.extensions == {"low": -(2**31), "high": 2**31 - 1}
+
+
+@pytest.mark.parametrize("dataschema", ["/relative/schema", "not a uri", "", 5])
+def test_dataschema_must_be_an_absolute_uri(dataschema: Any) -> None:
+    value = json.dumps({**event(), "dataschema": dataschema}).encode()
+    assert unusable([CT], value) in {"invalid_attribute", "missing_attribute"}
+
+
+def test_dataschema_is_kept_in_both_bindings_and_through_the_store() -> None:
+    schema = "https://schemas.example.cy/pos/scan/1"
+    structured_command = decode_command([CT], structured(dataschema=schema))
+    binary_command = decode_command(binary_headers(dataschema=schema), b"{}")
+    assert structured_command.dataschema == binary_command.dataschema == schema
+    again = CommandEnvelope.model_validate_json(structured_command.model_dump_json())
+    assert again == structured_command
+
+
+def test_typed_extensions_survive_the_stores_round_trip() -> None:
+    command = decode_command([CT], structured(urgent=True, priority=1, note="1"))
+    again = CommandEnvelope.model_validate_json(command.model_dump_json())
+    assert again.extensions == {"urgent": True, "priority": 1, "note": "1"}
+    assert type(again.extensions["urgent"]) is bool and type(again.extensions["priority"]) is int
+
+
+@pytest.mark.parametrize("specversion", [1.0, 1])
+def test_a_numeric_specversion_is_unsupported(specversion: float) -> None:
+    value = json.dumps({**event(), "specversion": specversion}).encode()
+    assert unusable([CT], value) == "unsupported_specversion"
+
+
+# -- coupon amounts and ids: the same strict grammar ---------------------------------------------
+
+
+def _coupon(model: str, **data: Any) -> Any:
+    from voucher_contracts.coupon import COUPON_COMMAND_TYPES
+
+    return COUPON_COMMAND_TYPES[model].model_validate(data)
+
+
+CREATE = {
+    "wallet_type": "wallet1",
+    "number_of_pins": "2",
+    "transferable": True,
+    "reusable": False,
+    "token_field": "t",
+    "token_checksum_field": "c",
+    "form_key": "k",
+}
+
+
+@pytest.mark.parametrize("amount", ["5.000", "-0", "+5", "1_000", ".5", "\u0665", "1e2", " 5"])
+def test_share_amount_follows_the_strict_grammar(amount: str) -> None:
+    with pytest.raises(ValidationError):
+        _coupon("coupon.share", email="a@example.cy", epin="1", share_amount=amount)
+
+
+@pytest.mark.parametrize(
+    "amount", [Decimal("1E+2"), Decimal("5.000"), "1e2", "25.5.0", 0, "0", "0.00"]
+)
+def test_epin_amount_follows_the_strict_grammar(amount: Any) -> None:
+    with pytest.raises(ValidationError):
+        _coupon("coupon.create", epin_amount=amount, **CREATE)
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [("25", "25"), ("25.00", "25"), (25, "25"), (Decimal("25.0"), "25"), ("5.5", "5.50")],
+)
+def test_amounts_go_upstream_normalised(given: Any, sent: str) -> None:
+    from voucher_bridge.epin.decisions import request_for
+
+    create = request_for(_coupon("coupon.create", epin_amount=given, **CREATE))
+    assert create.form is not None and create.form["epin_amount"] == sent
+    share = request_for(_coupon("coupon.share", email="a@example.cy", epin="1", share_amount=given))
+    assert share.form is not None and share.form["share_amount"] == sent
+
+
+@pytest.mark.parametrize("epin", [Decimal("1E+2"), Decimal("10.5"), "10\x00", "1\n2", 1.5, True])
+def test_coupon_ids_are_text_or_integers_without_control_characters(epin: Any) -> None:
+    with pytest.raises(ValidationError):
+        _coupon("coupon.delete", epin=epin)
+    assert _coupon("coupon.delete", epin=1001).epin == "1001"

@@ -218,9 +218,9 @@ def test_optional_query_parameters_are_left_out() -> None:
 
 @pytest.mark.parametrize(
     ("given", "sent"),
-    [("10.50", "10.50"), ("10.5", "10.5"), ("10", "10"), (10, "10"), (Decimal("0.01"), "0.01")],
+    [("10.50", "10.50"), ("10.5", "10.50"), ("10", "10"), (10, "10"), (Decimal("0.01"), "0.01")],
 )
-def test_share_amount_is_sent_as_plain_decimal_text(given: Any, sent: str) -> None:
+def test_share_amount_is_sent_normalised(given: Any, sent: str) -> None:
     data = Share(email="a@example.cy", epin="1", share_amount=given)
     request = request_for(data)
     assert request.form is not None and request.form["share_amount"] == sent

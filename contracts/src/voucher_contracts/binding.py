@@ -4,14 +4,27 @@ Structured mode: the whole event is the record's value (`content-type:
 application/cloudevents+json`). Binary mode: attributes are `ce_*` headers, the value is `data`.
 A JSON value carrying `specversion` with neither marker is read as structured too, so that a
 command typed by hand into a console producer still counts.
+
+Decoding refuses at the door whatever could not be carried further: stored, hashed, serialised
+again or sent upstream. A record that gets past `decode_command` can always be answered.
+- JSON: numbers stay exact (Decimal, never float); `NaN`/`Infinity`, duplicate member names
+  and strings that are not Unicode (a lone surrogate escape such as "\\ud800") are not JSON
+  one can pass on (RFC 8259 §4, §8.2); nesting deeper than `MAX_JSON_DEPTH` is refused.
+- Attributes: the CloudEvents type system (spec §"Type System"): names of lower-case ASCII
+  letters and digits; String values without control characters, surrogates or noncharacters
+  (which also keeps `source` and `id` free of the NUL that joins them into a result id);
+  `source` a URI-reference, `dataschema` a URI, `time` an RFC 3339 timestamp; extension values
+  Boolean, Integer (32-bit) or String, kept with their JSON types; a JSON `null` is an
+  attribute left unset (JSON format §2.2).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +39,12 @@ from voucher_contracts.envelope import (
 
 Headers = Sequence[tuple[str, bytes | None]]
 
+# Deeper than any command or upstream answer needs, well inside what pydantic's serialiser and
+# Python's recursion limit take.
+MAX_JSON_DEPTH = 64
+
 _REQUIRED = ("id", "source", "type", "subject")
+_STRING_ATTRIBUTES = ("id", "type", "subject", "datacontenttype", "traceparent", "tracestate")
 _KNOWN = {
     "specversion",
     "id",
@@ -35,12 +53,28 @@ _KNOWN = {
     "subject",
     "time",
     "datacontenttype",
+    "dataschema",
     "data",
     "data_base64",
     "traceparent",
     "tracestate",
-    "dataschema",
 }
+_INT32 = range(-(2**31), 2**31)
+_NAME = re.compile(r"[a-z0-9]+")
+# What a CloudEvents String may not hold: C0 and C1 controls, surrogates, noncharacters.
+_NOT_IN_STRING = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]"
+)
+# RFC 3986: the characters of a URI-reference (unreserved, reserved, percent-encoded octets).
+_URI_REFERENCE = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+# RFC 3339 §5.6 date-time: `T`/`t`, `Z`/`z`, a second of 60 (a leap second), any fraction.
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # \d is [0-9] only
+)
 
 
 class UnusableRecord(Exception):
@@ -52,15 +86,63 @@ class UnusableRecord(Exception):
         self.detail = detail
 
 
-def decode_json(raw: bytes | str) -> Any:
-    """JSON with every non-integer number kept as an exact Decimal.
+class JsonTooDeep(ValueError):
+    """JSON nested deeper than `MAX_JSON_DEPTH`."""
 
-    Raises ValueError for anything that is not JSON, including nesting too deep to decode.
+
+def decode_json(raw: bytes | str) -> Any:
+    """JSON with every non-integer number kept as an exact Decimal, and nothing in it that could
+    not be written out again: raises ValueError for anything that is not such JSON (not JSON,
+    not UTF-8, `NaN`, a repeated member name, a lone surrogate, nesting past `MAX_JSON_DEPTH`).
     """
     try:
-        return json.loads(raw, parse_float=Decimal)
+        value = json.loads(
+            raw, parse_float=Decimal, parse_constant=_no_constant, object_pairs_hook=_object
+        )
     except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
+        raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from exc
+    _check_carriable(value)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        names = [name for name, _ in pairs]
+        repeated = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"member {repeated[:40]!r} appears more than once")
+    return value
+
+
+def _check_carriable(value: Any) -> None:
+    # Iterative, so that the depth bound and not the interpreter's stack decides.
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            _check_unicode(item)
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                for name, member in item.items():
+                    _check_unicode(name)
+                    pending.append((member, depth + 1))
+            else:
+                pending.extend((member, depth + 1) for member in item)
+
+
+def _check_unicode(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("a string holds a lone surrogate escape, which is not Unicode") from exc
 
 
 def header_value(headers: Headers, name: str) -> str | None:
@@ -90,6 +172,15 @@ def decode_command(
     return _envelope(attributes)
 
 
+def _json(raw: bytes | str, what: str) -> Any:
+    try:
+        return decode_json(raw)
+    except JsonTooDeep as exc:
+        raise UnusableRecord("too_deep", f"{what}: {exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnusableRecord("not_json", f"{what} is not JSON: {exc}") from exc
+
+
 def _ce_headers(headers: Headers) -> dict[str, str]:
     found: dict[str, str] = {}
     for key, raw in headers:
@@ -106,21 +197,22 @@ def _ce_headers(headers: Headers) -> dict[str, str]:
 def _structured_attributes(value: bytes | None) -> dict[str, Any]:
     if not value:
         raise UnusableRecord("empty_value", "the record has no value and no ce_ headers")
-    try:
-        event = decode_json(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UnusableRecord("not_json", f"value is not JSON: {exc}") from exc
+    event = _json(value, "value")
     if not isinstance(event, dict):
         raise UnusableRecord("not_a_cloudevent", "value is JSON but not an object")
     if "specversion" not in event:
         raise UnusableRecord("not_a_cloudevent", "no specversion attribute")
+    # A JSON null is an attribute left unset (JSON event format §2.2).
+    event = {name: v for name, v in event.items() if v is not None}
     if "data_base64" in event and "data" not in event:
         if not isinstance(event["data_base64"], str):
             raise UnusableRecord("not_json", "data_base64 is not a string")
         try:
-            event["data"] = decode_json(base64.b64decode(event.pop("data_base64"), validate=True))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UnusableRecord("not_json", f"data_base64 is not base64 JSON: {exc}") from exc
+            raw = base64.b64decode(event.pop("data_base64"), validate=True)
+        except ValueError as exc:
+            raise UnusableRecord("not_json", f"data_base64 is not base64: {exc}") from exc
+        event["data"] = _json(raw, "data_base64")
+    event.pop("data_base64", None)
     return event
 
 
@@ -133,48 +225,99 @@ def _binary_attributes(
     if value:
         if content_type and "json" not in content_type:
             raise UnusableRecord("not_json", f"data content type {content_type!r} is not JSON")
-        try:
-            attributes["data"] = decode_json(value)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UnusableRecord("not_json", f"data is not JSON: {exc}") from exc
+        attributes["data"] = _json(value, "data")
     return attributes
 
 
 def _envelope(attributes: dict[str, Any]) -> CommandEnvelope:
-    if str(attributes.get("specversion")) != SPEC_VERSION:
-        raise UnusableRecord(
-            "unsupported_specversion", f"specversion {attributes.get('specversion')!r} is not 1.0"
-        )
-    missing = [name for name in _REQUIRED if not _is_text(attributes.get(name))]
+    specversion = attributes.get("specversion")
+    if specversion != SPEC_VERSION:
+        raise UnusableRecord("unsupported_specversion", f"specversion {specversion!r} is not 1.0")
+    missing = [name for name in _REQUIRED if _is_blank(attributes.get(name))]
     if missing:
         raise UnusableRecord("missing_attribute", "missing or empty: " + ", ".join(missing))
-    extensions = {
-        k: str(v) for k, v in attributes.items() if k not in _KNOWN and isinstance(v, str | int)
-    }
+    for name in attributes:
+        if name != "data_base64" and not _NAME.fullmatch(name):
+            raise _invalid(name, "is not an attribute name (lower-case ASCII letters and digits)")
+    for name in _STRING_ATTRIBUTES:
+        if name in attributes:
+            _string(name, attributes[name])
+    source = _string("source", attributes["source"])
+    if not _URI_REFERENCE.fullmatch(source) or source.count("#") > 1:
+        raise _invalid("source", "is not a URI-reference (RFC 3986)")
+    dataschema = attributes.get("dataschema")
+    if dataschema is not None:
+        dataschema = _string("dataschema", dataschema)
+        if not (_SCHEME.match(dataschema) and _URI_REFERENCE.fullmatch(dataschema)):
+            raise _invalid("dataschema", "is not an absolute URI (RFC 3986)")
     time = attributes.get("time")
+    extensions = {name: _extension(name, v) for name, v in attributes.items() if name not in _KNOWN}
     try:
         return CommandEnvelope(
             id=attributes["id"],
-            source=attributes["source"],
+            source=source,
             type=attributes["type"],
             subject=attributes["subject"],
-            time=datetime.fromisoformat(time) if isinstance(time, str) else None,
+            time=None if time is None else parse_timestamp(_string("time", time)),
             datacontenttype=attributes.get("datacontenttype"),
+            dataschema=dataschema,
             data=attributes.get("data"),
-            traceparent=_text_or_none(attributes.get("traceparent")),
-            tracestate=_text_or_none(attributes.get("tracestate")),
+            traceparent=attributes.get("traceparent") or None,
+            tracestate=attributes.get("tracestate") or None,
             extensions=extensions,
         )
-    except (ValueError, ValidationError) as exc:
-        raise UnusableRecord("invalid_attribute", str(exc).splitlines()[0]) from exc
+    except ValueError as exc:  # ValidationError is one
+        message = str(exc) if not isinstance(exc, ValidationError) else str(exc).splitlines()[0]
+        raise UnusableRecord("invalid_attribute", message) from exc
 
 
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 date-time (§5.6), as an aware datetime. A leap second (`:60`) is the
+    first instant of the next second, as POSIX time counts it."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise _invalid("time", "is not an RFC 3339 timestamp")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zulu, sign, offset_h, offset_m = match.groups()[6:]
+    if second > 60 or int(offset_h or 0) > 23 or int(offset_m or 0) > 59:
+        raise _invalid("time", "is not an RFC 3339 timestamp")
+    offset = timedelta(hours=int(offset_h or 0), minutes=int(offset_m or 0))
+    zone = UTC if zulu else timezone(-offset if sign == "-" else offset)
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        moment = datetime(year, month, day, hour, minute, min(second, 59), micros, zone)
+    except ValueError as exc:
+        raise _invalid("time", f"is not a valid date-time ({exc})") from exc
+    return moment + timedelta(seconds=1) if second == 60 else moment
 
 
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _invalid(name, "must be a string")
+    bad = _NOT_IN_STRING.search(value)
+    if bad is not None:
+        raise _invalid(name, f"holds U+{ord(bad.group()):04X}, which a CloudEvents String may not")
+    return value
+
+
+def _extension(name: str, value: Any) -> str | int | bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if value not in _INT32:
+            raise _invalid(name, "is an Integer outside the 32-bit range")
+        return value
+    if isinstance(value, str):
+        return _string(name, value)
+    raise _invalid(name, "must be a Boolean, an Integer or a String")
+
+
+def _invalid(name: str, problem: str) -> UnusableRecord:
+    return UnusableRecord("invalid_attribute", f"{name} {problem}")
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def encode_result(result: ResultEnvelope) -> bytes:

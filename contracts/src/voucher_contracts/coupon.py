@@ -7,26 +7,36 @@ office sees the vendor's words.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, WithJsonSchema
 
-from voucher_contracts.money import exact_decimal
+from voucher_contracts.money import AMOUNT_JSON_SCHEMA, strict_amount
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _text(value: Any) -> Any:
-    # Ids and amounts may come as JSON numbers or strings; the API takes them as text.
-    if isinstance(value, bool | float):
-        raise ValueError("must be a string or an integer, not a float or a boolean")
-    if isinstance(value, int | Decimal):
+    # Ids and counts may come as JSON integers or strings; the API takes them as text. A
+    # decimal (`1e2`, `10.5`) is no id: its text would not be the number the sender wrote.
+    if isinstance(value, bool | float | Decimal):
+        raise ValueError("must be a string or an integer")
+    if isinstance(value, int):
         return str(value)
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ValueError("must not hold control characters")
     return value
 
 
 Text = Annotated[str, BeforeValidator(_text), Field(min_length=1, max_length=256)]
+# The strict amount grammar (money.py); sent upstream as `money.amount_text` writes it.
 Amount = Annotated[
-    Decimal, BeforeValidator(exact_decimal), Field(gt=0, max_digits=12, decimal_places=2)
+    Decimal,
+    BeforeValidator(strict_amount),
+    Field(gt=0, max_digits=12),
+    WithJsonSchema({**AMOUNT_JSON_SCHEMA, "exclusiveMinimum": 0}),
 ]
 
 
@@ -64,7 +74,7 @@ class ListWallets(_CouponData):
 
 class Create(_CouponData):
     wallet_type: Text
-    epin_amount: Text
+    epin_amount: Amount
     number_of_pins: Text
     transferable: bool
     reusable: bool

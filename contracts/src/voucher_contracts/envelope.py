@@ -1,7 +1,8 @@
 """CloudEvents 1.0 envelopes of voucher-bridge's commands and results.
 
 Only the attributes the outer contract (design.md) uses are modelled; any other CloudEvents
-extension attribute on a command is kept in ``extensions`` so nothing a sender wrote is lost.
+extension attribute on a command is kept in ``extensions``, with its JSON type (Boolean,
+Integer or String), so nothing a sender wrote is lost.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 SPEC_VERSION = "1.0"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
@@ -46,12 +47,14 @@ class CommandEnvelope(BaseModel):
     subject: str = Field(min_length=1)
     time: datetime | None = None
     datacontenttype: str | None = None
+    dataschema: str | None = None
     # The command's fields, decoded with decimals kept exact (never through float).
     data: Any = None
     # W3C distributed-tracing extension attributes, when the sender used them.
     traceparent: str | None = None
     tracestate: str | None = None
-    extensions: dict[str, str] = Field(default_factory=dict)
+    # StrictBool first: a JSON `true` stays a Boolean, never the text "True" or the number 1.
+    extensions: dict[str, StrictBool | StrictInt | StrictStr] = Field(default_factory=dict)
 
     @property
     def idempotency_key(self) -> tuple[str, str]:
@@ -107,12 +110,21 @@ def result_id(command_source: str, command_id: str, revision: int = 0) -> str:
     """The result's id, derived from the command's (source, id).
 
     A re-published result has the same id, so a consumer can drop the copy. A later result
-    that supersedes an earlier one for the same command gets the next revision.
+    that supersedes an earlier one for the same command gets the next revision. The parts are
+    joined by NUL, which no command's `source` or `id` holds (decoding refuses control
+    characters, as CloudEvents Strings forbid them), so no two commands share a name.
     """
     name = f"{command_source}\x00{command_id}"
     if revision:
         name += f"\x00{revision}"
     return str(uuid.uuid5(_RESULT_ID_NAMESPACE, name))
+
+
+def unrecorded_result_id(command_source: str, command_id: str) -> str:
+    """The id of a result published without a record in the store (the store could not be
+    reached within the command's time): never the id of the command's recorded result, so
+    a consumer that drops copies by id still sees the recorded one should it come later."""
+    return str(uuid.uuid5(_RESULT_ID_NAMESPACE, f"{command_source}\x00{command_id}\x00unrecorded"))
 
 
 def content_hash(command: CommandEnvelope) -> str:

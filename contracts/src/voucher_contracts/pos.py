@@ -5,27 +5,26 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from voucher_contracts.money import exact_decimal
+from voucher_contracts.money import AMOUNT_JSON_SCHEMA, strict_amount
 
 MAX_BILL_TOTAL = Decimal("99999999.99")
 
 
-def _two_places(value: Decimal) -> Decimal:
-    if not value.is_finite():
-        raise ValueError("must be a finite number")
-    if value < 0:
-        raise ValueError("must be greater than or equal to 0")
+def _at_most_max(value: Decimal) -> Decimal:
     if value > MAX_BILL_TOTAL:
         raise ValueError(f"must be at most {MAX_BILL_TOTAL}")
-    cents = value.quantize(Decimal("0.01"))
-    if cents != value:
-        raise ValueError("must have at most 2 decimal places")
-    return cents
+    return value
 
 
-Money = Annotated[Decimal, BeforeValidator(exact_decimal), AfterValidator(_two_places)]
+# The strict amount grammar (money.py), to the cent: `"12.5"` is Decimal("12.50").
+Money = Annotated[
+    Decimal,
+    BeforeValidator(strict_amount),
+    AfterValidator(_at_most_max),
+    WithJsonSchema({**AMOUNT_JSON_SCHEMA, "maximum": float(MAX_BILL_TOTAL)}),
+]
 
 # Codes travel joined by ';' to the upstream, so a code may not contain one.
 VoucherCode = Annotated[

@@ -24,6 +24,7 @@ from voucher_contracts.coupon import (
     Share,
     Transfer,
 )
+from voucher_contracts.money import amount_text
 
 # Calls that move value and are not idempotent upstream: never resent once they may have
 # reached it.
@@ -50,7 +51,7 @@ def request_for(data: CouponCommandData) -> Request:
         case Transfer(user=user, epin=epin):
             return Request("POST", "user/transfer/epin/", form={"user": user, "epin": epin})
         case Share(email=email, epin=epin, share_amount=amount):
-            form = {"email": email, "epin": epin, "share_amount": format(amount, "f")}
+            form = {"email": email, "epin": epin, "share_amount": amount_text(amount)}
             return Request("POST", "user/share/epin/", form=form)
         case Delete(epin=epin):
             return Request("DELETE", "user/delete/epin/", {"epin": epin, "status": "1"})
@@ -69,7 +70,7 @@ def request_for(data: CouponCommandData) -> Request:
 def _create_form(create: Create) -> dict[str, str]:
     return {
         "wallet_type": create.wallet_type,
-        "epin_amount": create.epin_amount,
+        "epin_amount": amount_text(create.epin_amount),
         "number_of_pins": create.number_of_pins,
         "transferable": "True" if create.transferable else "False",
         "reusable": "True" if create.reusable else "False",
