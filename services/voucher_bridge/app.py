@@ -95,7 +95,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.producer = RecordProducer(**connection_args(settings))
-        self.store = open_store(settings.idempotency_store_url)
+        self.store = open_store(settings.idempotency_store_url, settings.store_timeout_s)
         self.sessions = StoreSessions(self.store)
         self.evoucher = EvoucherClient(
             settings.evoucher_base_url,
@@ -142,6 +142,8 @@ class Service:
                 settle_window_s=settings.settle_window_s,
                 retention_s=settings.idempotency_retention_s,
                 purge_interval_s=settings.idempotency_purge_interval_s,
+                command_timeout_s=settings.command_timeout_s,
+                store_timeout_s=settings.store_timeout_s,
             ),
         )
         self.lanes = [
@@ -186,6 +188,7 @@ class Service:
             self.producer,
             group_id=self.settings.kafka_group_id,
             max_record_bytes=self.settings.max_record_bytes,
+            max_result_bytes=self.settings.max_result_bytes,
         )
         return Lane(name, topics, command_types, pipeline)
 

@@ -8,28 +8,40 @@ was done about it. This module drives that record around one command:
 - seen and answered: publish the stored result again (same result id), no upstream call;
 - same key, different content: `rejected`, `idempotency_key_reused`, no upstream call;
 - held by a live instance (a copy in flight elsewhere): wait for it, then publish its result;
-- held by a dead instance: go on from where it got to; if a money-moving call may have gone
-  out, find out what happened (the handler's `recover`) instead of sending it again.
+- held by a dead instance, or by this one with nothing running it any more: go on from where
+  it got to; if a money-moving call may have gone out, find out what happened (the handler's
+  `recover`) instead of sending it again.
+
+Every command ends within a bound, whatever fails around it (`Timing.command_timeout_s`): the
+handler is cancelled at the bound (`failed`, or `indeterminate` once a money-moving call may
+have gone out); store operations are bounded and tried again until then; a result the store
+cannot take is published anyway and stored later; a store that cannot be reached at all before
+anything was sent gets a `failed` answer under a result id of its own
+(`unrecorded_result_id`). A claim is never left without a worker: the instance knows which
+commands it runs, gives up the claim of one cancelled (a drain that timed out), and frees any
+other claim of its own that nothing runs (`store.release_stranded`, with the heartbeat).
 
 Background work: the instance's heartbeat (how others tell it is alive), settling results that
 were `indeterminate` (published again, superseding the earlier one, once the upstream can tell),
-and removing records past their retention.
+storing results the store could not take at once, and removing records past their retention.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
 
 from voucher_bridge import metrics
 from voucher_bridge.results import Decision, result
 from voucher_bridge.store.base import (
+    Claim,
     ClaimKind,
     CommandKey,
     CommandStore,
@@ -46,8 +58,10 @@ from voucher_contracts import (
     content_hash,
     result_id,
 )
+from voucher_contracts.envelope import unrecorded_result_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BeforeSend = Callable[[], Awaitable[None]]
 
@@ -96,8 +110,8 @@ class Answered:
 @dataclass(frozen=True)
 class Timing:
     heartbeat_interval_s: float = 2.0
-    # An instance whose heartbeat is older than this is taken for dead; keep it well above
-    # the heartbeat interval and any clock skew between instances.
+    # An instance whose heartbeat is older than this (by the store's clock) is taken for dead;
+    # keep it well above the heartbeat interval.
     stale_after_s: float = 15.0
     busy_poll_s: float = 0.2
     settle_interval_s: float = 5.0
@@ -106,6 +120,34 @@ class Timing:
     settle_window_s: float = 240.0
     retention_s: float = 7 * 24 * 3600.0
     purge_interval_s: float = 600.0
+    # The bound of one command, from its claim to its answer, whatever fails around it.
+    command_timeout_s: float = 120.0
+    # The bound of one store operation; a slower one counts as failed and is tried again.
+    store_timeout_s: float = 5.0
+    # How often claims of this instance that nothing runs are freed for the next owner.
+    sweep_interval_s: float = 10.0
+
+    @property
+    def busy_limit_s(self) -> float:
+        """How long a claim held by a live instance is waited for. The holder finishes within
+        `command_timeout_s` and frees a claim it does not run within a sweep; one held for
+        longer is stranded there (its sweep failing, say) and is taken over."""
+        return self.command_timeout_s + self.sweep_interval_s + self.stale_after_s
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer within the command's time."""
+
+
+@dataclass(frozen=True)
+class _Unstored:
+    """A result published before the store took it; stored in the background."""
+
+    content_hash: str
+    token: str
+    result: str
+    unsettled: bool
+    answered: Answered
 
 
 class ExactlyOnce:
@@ -122,12 +164,18 @@ class ExactlyOnce:
         self._clock = clock
         self.instance = uuid.uuid4().hex
         self._tasks: list[asyncio.Task[None]] = []
+        # The commands this instance runs now, each by one task at a time: a second copy of
+        # one waits for the first here, never for its claim in the store.
+        self._running: dict[CommandKey, asyncio.Event] = {}
+        self._unstored: dict[CommandKey, _Unstored] = {}
+        self._releases: set[asyncio.Task[None]] = set()
+        self._last_sweep = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, publish_superseding: PublishSuperseding) -> None:
         await self.store.open()
-        await self.store.heartbeat(self.instance, self._clock())
+        await self.store.heartbeat(self.instance)
         self._tasks = [
             asyncio.create_task(self._every(self._timing.heartbeat_interval_s, self._beat)),
             asyncio.create_task(
@@ -139,12 +187,16 @@ class ExactlyOnce:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._releases]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._releases]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.store.retire(self.instance)  # its claims are free at once, not after a wait
+        try:
+            await self._store_unstored()  # one last try
+            await self.store.retire(self.instance)  # its claims are free at once, not after a wait
+        except Exception:
+            log.exception("could not retire this instance; its claims are free once it is stale")
         await self.store.close()
 
     async def _every(self, interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
@@ -156,13 +208,53 @@ class ExactlyOnce:
                 log.exception("background %s failed; trying again later", work)
 
     async def _beat(self) -> None:
-        await self.store.heartbeat(self.instance, self._clock())
+        async with asyncio.timeout(self._timing.store_timeout_s):
+            await self.store.heartbeat(self.instance)
+        now = time.monotonic()
+        if now - self._last_sweep >= self._timing.sweep_interval_s:
+            self._last_sweep = now
+            async with asyncio.timeout(self._timing.store_timeout_s):
+                freed = await self.store.release_stranded(
+                    self.instance, [*self._running, *self._unstored]
+                )
+            if freed:
+                log.warning("freed %d claims of this instance that nothing ran", freed)
+                metrics.claims_released.add(freed, {"why": "stranded"})
+        if self._unstored:
+            await self._store_unstored()
+
+    @property
+    def money_moving(self) -> frozenset[str]:
+        return self._handler.money_moving
+
+    @property
+    def running(self) -> int:
+        """Commands this instance runs now."""
+        return len(self._running)
 
     # -- one command --------------------------------------------------------------------------
 
     async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered:
         key = CommandKey(command.source, command.id)
+        # One task per command at a time in this instance; the first runs within its bound.
+        while (first := self._running.get(key)) is not None:
+            await first.wait()
         digest = content_hash(command)
+        unstored = self._unstored.get(key)
+        if unstored is not None:  # answered here, not stored yet: answer the copy the same
+            if unstored.content_hash != digest:
+                return _key_reused_answer(command, digest)
+            return replace(unstored.answered, replayed=True)
+        done = self._running[key] = asyncio.Event()
+        try:
+            return await self._execute(command, key, digest, record_key)
+        finally:
+            del self._running[key]
+            done.set()
+
+    async def _execute(
+        self, command: CommandEnvelope, key: CommandKey, digest: str, record_key: bytes | None
+    ) -> Answered:
         new = NewCommand(
             key=key,
             content_hash=digest,
@@ -172,51 +264,114 @@ class ExactlyOnce:
             record_key=record_key,
         )
         text_key = record_key.decode("utf-8", "replace") if record_key is not None else None
+        loop = asyncio.get_running_loop()
+        busy_since: float | None = None
+        take_over = False
         while True:
-            now = self._clock()
-            claim = await self.store.claim(
-                new, self.instance, now, now - self._timing.stale_after_s
-            )
+            try:
+                claim = await self._store_op(
+                    functools.partial(self._claim, new, take_over),
+                    loop.time() + self._timing.command_timeout_s,
+                )
+            except StoreUnavailable as exc:
+                return self.unrecorded(command, exc)
             if claim.kind is ClaimKind.DONE:
                 assert claim.result is not None
                 data = ResultData.model_validate_json(claim.result)
                 answer_id = result_id(key.source, key.id, claim.revision)
                 return Answered(data, answer_id, replayed=True)
             if claim.kind is ClaimKind.CONFLICT:
-                return Answered(
-                    _key_reused(command),
-                    # Not the original's result id: this answers a different command.
-                    result_id(key.source, f"{key.id}#{digest}"),
-                )
+                return _key_reused_answer(command, digest)
             if claim.kind is ClaimKind.BUSY:
+                busy_since = self._note_busy(command, busy_since, loop.time())
+                if loop.time() - busy_since > self._timing.busy_limit_s:
+                    log.error(
+                        "%s %s: held by another live instance for %.0f s, longer than a command "
+                        "takes there; taking it over",
+                        command.type,
+                        command.id,
+                        loop.time() - busy_since,
+                    )
+                    metrics.claims_taken_over.add(1, {"command_type": command.type})
+                    take_over = True
+                    continue
                 await asyncio.sleep(self._timing.busy_poll_s)
                 continue
-            assert claim.token is not None
-            token = claim.token
-
-            async def before_send(token: str = token) -> None:
-                await self.store.mark_sent(key, token, self._clock())
-
-            resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
-            try:
-                data = await self._act(command, text_key, before_send, resuming_sent)
-            except LostClaim:
-                # Taken over before the call went out: the other instance answers it.
-                log.warning("%s %s: claim lost to another instance", command.type, command.id)
-                continue
-            unsettled = (
-                data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
-            )
-            try:
-                await self.store.complete(
-                    key, token, data.model_dump_json(), unsettled, self._clock()
+            if busy_since is not None:
+                metrics.busy_wait_duration.record(
+                    loop.time() - busy_since, {"command_type": command.type}
                 )
+            try:
+                return await self._run_claimed(command, key, digest, claim, text_key)
             except LostClaim:
-                # Another instance thought this one dead and took the command over: its
-                # answer is the one that counts. Ask the store again.
+                # Taken over by another instance (this one was thought dead): its answer is
+                # the one that counts. Ask the store again.
                 log.warning("%s %s: claim lost to another instance", command.type, command.id)
+                take_over = False
                 continue
-            return Answered(data, result_id(key.source, key.id))
+
+    async def _claim(self, new: NewCommand, take_over: bool) -> Claim:
+        return await self.store.claim(
+            new, self.instance, self._clock(), self._timing.stale_after_s, take_over
+        )
+
+    def _note_busy(self, command: CommandEnvelope, since: float | None, now: float) -> float:
+        if since is None:
+            metrics.busy_waits.add(1, {"command_type": command.type})
+            log.info("%s %s: another instance runs it; waiting", command.type, command.id)
+            return now
+        waited = now - since
+        if int(waited / 10) != int((waited - self._timing.busy_poll_s) / 10):
+            log.warning(
+                "%s %s: still held by another live instance after %.0f s",
+                command.type,
+                command.id,
+                waited,
+            )
+        return since
+
+    async def _run_claimed(
+        self,
+        command: CommandEnvelope,
+        key: CommandKey,
+        digest: str,
+        claim: Claim,
+        text_key: str | None,
+    ) -> Answered:
+        assert claim.token is not None
+        token = claim.token
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timing.command_timeout_s
+
+        async def before_send() -> None:
+            await self._store_op(lambda: self.store.mark_sent(key, token, self._clock()), deadline)
+
+        resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
+        try:
+            data = await self._act(command, text_key, before_send, resuming_sent, deadline)
+        except asyncio.CancelledError:
+            # A drain that timed out, or a shutdown: the next owner resumes it at once.
+            self._release_soon(key, token)
+            raise
+        unsettled = (
+            data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
+        )
+        stored = data.model_dump_json()
+        answered = Answered(data, result_id(key.source, key.id))
+        try:
+            # A few tries even when the handler used up the command's time.
+            until = max(deadline, loop.time() + 3 * self._timing.store_timeout_s)
+            await self._store_op(
+                lambda: self.store.complete(key, token, stored, unsettled, self._clock()), until
+            )
+        except StoreUnavailable:
+            log.error(
+                "%s %s: the store did not take the result; publishing it, storing it later",
+                command.type,
+                command.id,
+            )
+            self._unstored[key] = _Unstored(digest, token, stored, unsettled, answered)
+        return answered
 
     async def _act(
         self,
@@ -224,6 +379,7 @@ class ExactlyOnce:
         text_key: str | None,
         before_send: BeforeSend,
         resuming_sent: bool,
+        deadline: float,
     ) -> ResultData:
         sent = resuming_sent
 
@@ -232,20 +388,106 @@ class ExactlyOnce:
             await before_send()
             sent = True
 
+        bound = asyncio.timeout_at(deadline)
         try:
-            if resuming_sent:
-                log.warning("%s %s: resuming after a crash mid-call", command.type, command.id)
-                return await self._handler.recover(command, text_key)
-            return await self._handler.handle(command, text_key, mark_and_note)
+            async with bound:
+                if resuming_sent:
+                    log.warning("%s %s: resuming after a crash mid-call", command.type, command.id)
+                    return await self._handler.recover(command, text_key)
+                return await self._handler.handle(command, text_key, mark_and_note)
         except LostClaim:
             raise
-        except Exception as exc:
-            # A bug must not stop the partition, and the sender must hear back. Whether a
-            # money-moving call went out is known: it had if the recovery point was passed.
-            log.exception("handling %s %s failed", command.type, command.id)
-            outcome = Outcome.INDETERMINATE if sent else Outcome.FAILED
-            decision = Decision(outcome, "internal_error", type(exc).__name__)
+        except TimeoutError as exc:
+            if not bound.expired():
+                return self._internal_error(command, exc, sent)
+            log.error(
+                "%s %s: no answer within %g s; cancelled",
+                command.type,
+                command.id,
+                self._timing.command_timeout_s,
+            )
+            metrics.commands_timed_out.add(1, {"command_type": command.type})
+            decision = Decision(
+                Outcome.INDETERMINATE if sent else Outcome.FAILED,
+                "upstream_unavailable",
+                f"no answer within {self._timing.command_timeout_s:g} s",
+            )
             return result(command, decision, UpstreamReport())
+        except Exception as exc:
+            return self._internal_error(command, exc, sent)
+
+    def _internal_error(self, command: CommandEnvelope, exc: Exception, sent: bool) -> ResultData:
+        # A bug must not stop the partition, and the sender must hear back. Whether a
+        # money-moving call went out is known: it had if the recovery point was passed.
+        log.error("handling %s %s failed", command.type, command.id, exc_info=exc)
+        outcome = Outcome.INDETERMINATE if sent else Outcome.FAILED
+        decision = Decision(outcome, "internal_error", type(exc).__name__)
+        return result(command, decision, UpstreamReport())
+
+    def unrecorded(self, command: CommandEnvelope, exc: BaseException) -> Answered:
+        """The answer to a command the store could not record (nor say anything about) within
+        its time: nothing was sent for it by this instance; `failed`, under a result id that
+        no recorded result of the command has."""
+        log.error("%s %s: the store could not be reached: %s", command.type, command.id, exc)
+        metrics.unrecorded.add(1, {"command_type": command.type})
+        decision = Decision(
+            Outcome.FAILED, "internal_error", "the idempotency store could not be reached"
+        )
+        data = result(command, decision, UpstreamReport())
+        return Answered(data, unrecorded_result_id(command.source, command.id))
+
+    async def _store_op(self, operation: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """One store operation, each attempt bounded, tried again until `deadline`. Claims,
+        marks and completions are safe to repeat: a repeated claim finds its own earlier one
+        (this instance's, nothing running it) and resumes it; the others are keyed by token."""
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while True:
+            attempt_s = max(0.01, min(self._timing.store_timeout_s, deadline - loop.time()))
+            try:
+                async with asyncio.timeout(attempt_s):
+                    return await operation()
+            except LostClaim:
+                raise
+            except Exception as exc:
+                metrics.store_errors.add(1, {"error": type(exc).__name__})
+                if loop.time() + delay >= deadline:
+                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                log.warning(
+                    "store operation failed (%s: %s); trying again", type(exc).__name__, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _release_soon(self, key: CommandKey, token: str) -> None:
+        async def release() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                released = await self._store_op(
+                    lambda: self.store.release(key, token), loop.time() + 30
+                )
+            except StoreUnavailable:
+                return  # the sweep frees it once the store answers
+            if released:
+                metrics.claims_released.add(1, {"why": "cancelled"})
+
+        task = asyncio.create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _store_unstored(self) -> None:
+        for key, pending in list(self._unstored.items()):
+            try:
+                async with asyncio.timeout(self._timing.store_timeout_s):
+                    await self.store.complete(
+                        key, pending.token, pending.result, pending.unsettled, self._clock()
+                    )
+            except LostClaim:
+                log.warning("%s: taken over before its result was stored", key)
+            except Exception as exc:
+                log.warning("%s: result still not stored (%s)", key, type(exc).__name__)
+                continue
+            self._unstored.pop(key, None)
 
     # -- background ---------------------------------------------------------------------------
 
@@ -302,10 +544,12 @@ class PublishSuperseding(Protocol):
     ) -> None: ...
 
 
-def _key_reused(command: CommandEnvelope) -> ResultData:
+def _key_reused_answer(command: CommandEnvelope, digest: str) -> Answered:
     decision = Decision(
         Outcome.REJECTED,
         "idempotency_key_reused",
         "another command with this source and id, with different content, came first",
     )
-    return result(command, decision, UpstreamReport())
+    data = result(command, decision, UpstreamReport())
+    # Not the original's result id: this answers a different command.
+    return Answered(data, result_id(command.source, f"{command.id}#{digest}"))

@@ -37,11 +37,17 @@ class Settings(BaseSettings):
     coupon_results_topic: str = "coupon.results"
     # Records larger than this are not commands: they go to the dead-letter topic.
     max_record_bytes: int = Field(default=1_048_576, gt=0)
+    # Results are cut to fit this (`truncated: true`); below the producer's 1 MiB request
+    # limit with room for the key and headers.
+    max_result_bytes: int = Field(default=1_000_000, gt=1000, le=1_040_000)
 
     # Processing
     max_in_flight: int = Field(default=1000, gt=0)
     commit_interval_ms: int = Field(default=200, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
+    # Every command is answered within this, whatever fails around it (upstream, store): the
+    # upstream calls are cancelled then and the command answered as it stands.
+    command_timeout_s: float = Field(default=120.0, gt=0)
     max_poll_interval_ms: int = Field(default=300_000, gt=0)
     session_timeout_ms: int = Field(default=45_000, gt=0)
     fetch_max_wait_ms: int = Field(default=50, ge=0)
@@ -73,6 +79,9 @@ class Settings(BaseSettings):
 
     # Idempotency store
     idempotency_store_url: str = "sqlite:///var/voucher-bridge/idempotency.sqlite3"
+    # One store operation; a slower one counts as failed and is tried again (within the
+    # command's time).
+    store_timeout_s: float = Field(default=5.0, gt=0)
     idempotency_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     # How often records past their retention are removed (in batches, between commands).
     idempotency_purge_interval_s: float = Field(default=600, gt=0)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from voucher_bridge.once import Answered, BeforeSend, ExactlyOnce, Timing
-from voucher_bridge.store import open_store
 from voucher_bridge.store.base import (
     Claim,
     ClaimKind,
@@ -19,6 +18,7 @@ from voucher_bridge.store.base import (
     CommandStore,
     NewCommand,
 )
+from voucher_bridge.store.sqlite import SqliteStore
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, content_hash, result_id
 
 SOURCE = "/stores/limassol-3/pos/till-1"
@@ -119,9 +119,14 @@ class SpyStore:
         return getattr(self._store, name)
 
     async def claim(
-        self, command: NewCommand, instance: str, now: float, stale_before: float
+        self,
+        command: NewCommand,
+        instance: str,
+        now: float,
+        stale_after_s: float,
+        take_over: bool = False,
     ) -> Claim:
-        claim = await self._store.claim(command, instance, now, stale_before)
+        claim = await self._store.claim(command, instance, now, stale_after_s, take_over)
         async with self._claimed:
             self.claims.append(claim.kind)
             self._claimed.notify_all()
@@ -134,28 +139,46 @@ class SpyStore:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SpyStore]:
-    store = open_store(f"sqlite:///{tmp_path / 'once.sqlite3'}")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[SpyStore]:
+    # The store judges liveness by its own clock: the one the tests move.
+    store = SqliteStore(tmp_path / "once.sqlite3", clock=clock)
     await store.open()
     yield SpyStore(store)
     await store.close()
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+class Crashing:
+    """The store as an instance that is about to crash sees it: what it would give back on
+    the way down (a cancelled command's claim) never arrives."""
+
+    def __init__(self, store: SpyStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def release(self, key: CommandKey, token: str) -> bool:
+        return False
 
 
-Make = Callable[[FakeHandler], Awaitable[ExactlyOnce]]
+Make = Callable[..., Awaitable[ExactlyOnce]]
 
 
 @pytest.fixture
 def make(store: SpyStore, clock: Clock) -> Make:
     """An instance on the shared store, alive (its heartbeat at the clock's now)."""
 
-    async def make(handler: FakeHandler) -> ExactlyOnce:
-        once = ExactlyOnce(store, handler, TIMING, clock)
-        await store.heartbeat(once.instance, clock())
+    async def make(
+        handler: FakeHandler, crashing: bool = False, timing: Timing = TIMING, on: Any = None
+    ) -> ExactlyOnce:
+        used: Any = on if on is not None else Crashing(store) if crashing else store
+        once = ExactlyOnce(used, handler, timing, clock)
+        await store.heartbeat(once.instance)
         return once
 
     return make
@@ -180,9 +203,10 @@ def scan(id_: str = "cmd-2") -> CommandEnvelope:
 async def stranded(
     make: Make, command: CommandEnvelope, after_send: bool
 ) -> tuple[ExactlyOnce, FakeHandler]:
-    """`command` claimed by an instance that died in its handler (before or after the send)."""
+    """`command` claimed by an instance that died in its handler (before or after the send):
+    its task is gone, and a dead process gives nothing back (no release)."""
     handler = FakeHandler(gate=asyncio.Event(), wait_after_send=after_send)
-    dead = await make(handler)
+    dead = await make(handler, crashing=True)
     task = asyncio.create_task(dead.execute(command, KEY))
     await asyncio.wait_for(handler.entered.wait(), 5)
     if after_send:
@@ -270,7 +294,7 @@ async def test_received_by_a_live_instance_is_waited_for(
     await store.seen(ClaimKind.BUSY, 2)
     assert not waiting.done()
     clock.now += TIMING.stale_after_s + 1  # now it is dead
-    await store.heartbeat(owner.instance, clock())
+    await store.heartbeat(owner.instance)
     answered = await asyncio.wait_for(waiting, 5)
     assert answered.data.outcome is Outcome.SUCCEEDED
 
@@ -336,20 +360,36 @@ async def test_indeterminate_non_money_moving_is_not_unsettled(make: Make) -> No
 
 
 async def test_concurrent_copies_make_one_call(make: Make, store: SpyStore) -> None:
+    # In one instance the second copy waits for the first in memory, not on its claim.
     handler = FakeHandler(gate=asyncio.Event())
     once = await make(handler)
     both = asyncio.gather(once.execute(redeem(), KEY), once.execute(redeem(), KEY))
-    await store.seen(ClaimKind.BUSY)
+    await asyncio.wait_for(handler.entered.wait(), 5)
+    await asyncio.sleep(0.05)
     assert handler.called("handle") == 1
+    assert store.claims == [ClaimKind.NEW]
     assert handler.gate is not None
     handler.gate.set()
     first, second = await asyncio.wait_for(both, 5)
     assert first == second
     assert first.result_id == result_id(SOURCE, "cmd-1")
     assert handler.called("handle") == 1
-    assert store.claims[0] is ClaimKind.NEW
-    assert store.claims[-1] is ClaimKind.DONE
-    assert set(store.claims[1:-1]) == {ClaimKind.BUSY}
+    assert store.claims == [ClaimKind.NEW, ClaimKind.DONE]
+
+
+async def test_concurrent_copies_on_two_instances_make_one_call(
+    make: Make, store: SpyStore
+) -> None:
+    handler, other = FakeHandler(gate=asyncio.Event()), FakeHandler()
+    one, two = await make(handler), await make(other)
+    first = asyncio.create_task(one.execute(redeem(), KEY))
+    await asyncio.wait_for(handler.entered.wait(), 5)
+    second = asyncio.create_task(two.execute(redeem(), KEY))
+    await store.seen(ClaimKind.BUSY)
+    assert handler.gate is not None
+    handler.gate.set()
+    assert await asyncio.wait_for(first, 5) == await asyncio.wait_for(second, 5)
+    assert handler.called("handle") == 1 and other.called("handle") == 0
 
 
 async def test_claim_lost_on_complete_answers_with_the_winners_result(
@@ -490,3 +530,192 @@ async def test_purge_in_batches(make: Make, store: SpyStore, clock: Clock) -> No
 def test_content_hash_tells_replays_from_reuse() -> None:
     assert content_hash(redeem()) == content_hash(redeem())
     assert content_hash(redeem()) != content_hash(redeem(codes=("999",)))
+
+
+# -- every command ends: no claim without a worker, every failure bounded (issue 10) ------------
+
+# Bounds small enough for a unit test: a command's time, a store operation's, the sweep.
+QUICK = replace(
+    TIMING, command_timeout_s=0.5, store_timeout_s=0.1, sweep_interval_s=0.0, stale_after_s=60.0
+)
+
+
+class FlakyStore:
+    """The store, with operations that fail as a test says: `fail[name]` times each, or for
+    good while `down` holds."""
+
+    def __init__(self, store: SpyStore) -> None:
+        self._store = store
+        self.fail: dict[str, int] = {}
+        self.down: set[str] = set()
+        self.attempts: dict[str, int] = {}
+        self.hang: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._store, name)
+        if not callable(attribute):
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.attempts[name] = self.attempts.get(name, 0) + 1
+            if name in self.hang:
+                await asyncio.sleep(3600)
+            if name in self.down or self.fail.get(name, 0) > 0:
+                self.fail[name] = self.fail.get(name, 0) - 1
+                raise ConnectionError(f"{name}: the store went away")
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+async def test_a_claim_of_its_own_that_nothing_runs_is_resumed_not_waited_on(
+    make: Make, store: SpyStore
+) -> None:
+    # A lane cancelled (a drain that timed out) whose release never reached the store: the
+    # instance, alive, gets the command again and must not wait for itself.
+    command = redeem()
+    crashing, handler = await stranded(make, command, after_send=True)
+    handler.gate = None
+    answered = await asyncio.wait_for(crashing.execute(command, KEY), 2)
+    assert answered.data.message == "recovered"  # from `sent`: reconciled, never resent
+    assert handler.called("recover") == 1 and handler.called("handle") == 1
+    assert store.claims[-1] is ClaimKind.RESUME
+
+
+async def test_a_cancelled_command_is_resumable_by_the_next_owner_at_once(
+    make: Make, store: SpyStore
+) -> None:
+    # A drain that timed out cancels the lane: its claim is given up, so the next owner (the
+    # instance that gets the partition) resumes it at once, though the first is alive.
+    handler = FakeHandler(gate=asyncio.Event(), wait_after_send=True)
+    first = await make(handler)
+    task = asyncio.create_task(first.execute(redeem(), KEY))
+    await asyncio.wait_for(handler.sent.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    successor = FakeHandler()
+    answered = await asyncio.wait_for((await make(successor)).execute(redeem(), KEY), 2)
+    assert answered.data.message == "recovered"
+    assert successor.called("handle") == 0  # sent before: never sent again
+    assert ClaimKind.BUSY not in store.claims
+
+
+async def test_the_sweep_frees_claims_of_a_live_instance_that_nothing_runs(
+    make: Make, store: SpyStore
+) -> None:
+    command = scan()
+    owner, _ = await stranded(make, command, after_send=False)
+    waiter_handler = FakeHandler()
+    waiter = await make(waiter_handler)
+    waiting = asyncio.create_task(waiter.execute(command, KEY))
+    await store.seen(ClaimKind.BUSY)
+    await owner._beat()  # the owner's heartbeat, with its sweep
+    answered = await asyncio.wait_for(waiting, 2)
+    assert answered.data.outcome is Outcome.SUCCEEDED
+    assert waiter_handler.called("handle") == 1
+
+
+async def test_a_busy_wait_is_bounded_then_taken_over(make: Make, store: SpyStore) -> None:
+    # The holder is alive but does not run it and never sweeps (its store calls fail, say):
+    # after longer than a command can take there, the waiter takes it over.
+    timing = replace(QUICK, command_timeout_s=0.2, sweep_interval_s=0.1, stale_after_s=0.1)
+    command = scan()
+    await stranded(make, command, after_send=False)
+    waiter = FakeHandler()
+    once = await make(waiter, timing=timing)
+    started = asyncio.get_running_loop().time()
+    answered = await asyncio.wait_for(once.execute(command, KEY), 5)
+    waited = asyncio.get_running_loop().time() - started
+    assert timing.busy_limit_s <= waited < timing.busy_limit_s + 1
+    assert answered.data.outcome is Outcome.SUCCEEDED and waiter.called("handle") == 1
+    assert ClaimKind.BUSY in store.claims and store.claims[-1] is ClaimKind.RESUME
+
+
+async def test_complete_failing_once_is_retried_with_the_same_token(
+    make: Make, store: SpyStore
+) -> None:
+    flaky = FlakyStore(store)
+    flaky.fail["complete"] = 1
+    handler = FakeHandler()
+    once = await make(handler, timing=QUICK, on=flaky)
+    answered = await asyncio.wait_for(once.execute(redeem(), KEY), 2)
+    assert answered.data.outcome is Outcome.SUCCEEDED
+    assert flaky.attempts["complete"] == 2
+    # Stored: the next copy is answered from the store, by any instance, with no call.
+    other = FakeHandler()
+    again = await (await make(other)).execute(redeem(), KEY)
+    assert again.replayed and again.data == answered.data and other.calls == []
+
+
+async def test_a_result_the_store_will_not_take_is_published_and_stored_later(
+    make: Make, store: SpyStore
+) -> None:
+    flaky = FlakyStore(store)
+    flaky.down.add("complete")
+    handler = FakeHandler()
+    once = await make(handler, timing=QUICK, on=flaky)
+    answered = await asyncio.wait_for(once.execute(redeem(), KEY), 3)
+    assert answered.data.outcome is Outcome.SUCCEEDED
+    assert answered.result_id == result_id(SOURCE, "cmd-1")
+    # A copy meanwhile gets the same answer, with no second call.
+    copy = await asyncio.wait_for(once.execute(redeem(), KEY), 1)
+    assert copy.replayed and copy.data == answered.data and handler.called("handle") == 1
+    # The sweep leaves its claim alone; the store takes the result when it is back.
+    flaky.down.clear()
+    await once._beat()
+    stored = await (await make(FakeHandler())).execute(redeem(), KEY)
+    assert stored.replayed and stored.data == answered.data
+
+
+async def test_a_store_unreachable_before_the_claim_is_failed_unrecorded_in_bounded_time(
+    make: Make, store: SpyStore
+) -> None:
+    from voucher_contracts.envelope import unrecorded_result_id
+
+    flaky = FlakyStore(store)
+    flaky.hang.add("claim")
+    handler = FakeHandler()
+    once = await make(handler, timing=QUICK, on=flaky)
+    started = asyncio.get_running_loop().time()
+    answered = await asyncio.wait_for(once.execute(redeem(), KEY), 3)
+    assert asyncio.get_running_loop().time() - started < QUICK.command_timeout_s + 0.5
+    assert (answered.data.outcome, answered.data.reason) == (Outcome.FAILED, "internal_error")
+    assert answered.result_id == unrecorded_result_id(SOURCE, "cmd-1")
+    assert handler.calls == [] and flaky.attempts["claim"] >= 2
+
+
+async def test_a_recovery_point_that_cannot_be_stored_means_nothing_is_sent(
+    make: Make, store: SpyStore
+) -> None:
+    flaky = FlakyStore(store)
+    flaky.down.add("mark_sent")
+    handler = FakeHandler()
+    once = await make(handler, timing=QUICK, on=flaky)
+    answered = await asyncio.wait_for(once.execute(redeem(), KEY), 3)
+    assert (answered.data.outcome, answered.data.reason) == (Outcome.FAILED, "internal_error")
+    assert handler.called("sent") == 0  # the money-moving call never went out
+
+
+@pytest.mark.parametrize(
+    ("command", "after_send", "outcome"),
+    [
+        (scan(), False, Outcome.FAILED),
+        (redeem(), False, Outcome.FAILED),
+        (redeem(), True, Outcome.INDETERMINATE),
+    ],
+)
+async def test_a_handler_that_hangs_is_cancelled_at_the_commands_bound(
+    make: Make, command: CommandEnvelope, after_send: bool, outcome: Outcome
+) -> None:
+    handler = FakeHandler(gate=asyncio.Event(), wait_after_send=after_send)
+    once = await make(handler, timing=QUICK)
+    started = asyncio.get_running_loop().time()
+    answered = await asyncio.wait_for(once.execute(command, KEY), 3)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert QUICK.command_timeout_s <= elapsed < QUICK.command_timeout_s + 0.5
+    assert (answered.data.outcome, answered.data.reason) == (outcome, "upstream_unavailable")
+    # Settled later where the money may have moved; stored either way.
+    unsettled = await once.store.unsettled(limit=10)
+    assert len(unsettled) == (1 if outcome is Outcome.INDETERMINATE else 0)
+    assert (await once.execute(command, KEY)).replayed

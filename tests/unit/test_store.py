@@ -1,9 +1,12 @@
 """The command store's contract, held by both stores: SQLite (one instance) and PostgreSQL
-(several instances, several pools)."""
+(several instances, several pools). Liveness is judged by each store's own clock (the host's
+for SQLite, the database's for PostgreSQL): a test makes an instance stale by moving its last
+heartbeat back (`age`)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from voucher_bridge.store.base import (
     NewCommand,
     State,
 )
+from voucher_bridge.store.postgres import PostgresStore
+from voucher_bridge.store.sqlite import SqliteStore
 
 SOURCE = "/stores/limassol-3/pos/till-1"
 T0 = 1_000_000.0
@@ -79,14 +84,35 @@ def result(text: str = "succeeded") -> str:
 
 
 async def claim(
-    store: CommandStore, command: NewCommand, instance: str = A, now: float = T0
+    store: CommandStore,
+    command: NewCommand,
+    instance: str = A,
+    now: float = T0,
+    take_over: bool = False,
 ) -> Claim:
-    return await store.claim(command, instance, now, now - STALE_AFTER)
+    return await store.claim(command, instance, now, STALE_AFTER, take_over)
+
+
+async def age(store: CommandStore, instance: str, seconds: float) -> None:
+    """Make `instance`'s last heartbeat `seconds` older, by the store's own clock."""
+    if isinstance(store, SqliteStore):
+        await store._run(
+            lambda db: db.execute(
+                "UPDATE instances SET heartbeat_at = heartbeat_at - ? WHERE id = ?",
+                (seconds, instance),
+            )
+        )
+    else:
+        assert isinstance(store, PostgresStore)
+        await store._execute(
+            "UPDATE vb_instances SET heartbeat_at = heartbeat_at - %s WHERE id = %s",
+            (seconds, instance),
+        )
 
 
 async def claimed(store: CommandStore, command: NewCommand, instance: str = A) -> str:
     """`command` claimed NEW by a live `instance`; returns the token."""
-    await store.heartbeat(instance, T0)
+    await store.heartbeat(instance)
     first = await claim(store, command, instance)
     assert first.kind is ClaimKind.NEW
     assert first.token is not None
@@ -122,7 +148,7 @@ async def test_new_then_done_returns_the_stored_result(store: CommandStore) -> N
 
 
 async def test_new_claims_get_distinct_tokens(store: CommandStore) -> None:
-    await store.heartbeat(A, T0)
+    await store.heartbeat(A)
     one, two = await claim(store, new(1)), await claim(store, new(2))
     assert one.kind is two.kind is ClaimKind.NEW
     assert one.token and two.token and one.token != two.token
@@ -143,28 +169,55 @@ async def test_conflict_on_different_content(store: CommandStore) -> None:
 async def test_busy_while_the_owner_is_alive(store: CommandStore) -> None:
     command = new()
     await claimed(store, command, A)
-    await store.heartbeat(B, T0)
+    await store.heartbeat(B)
     assert await claim(store, command, B) == Claim(ClaimKind.BUSY)
-    # The owner itself is told to wait too (a second copy in flight on the same instance).
-    assert await claim(store, command, A) == Claim(ClaimKind.BUSY)
-    # Exactly `stale_after` old still counts as alive; a fresh heartbeat keeps it so.
-    assert (await claim(store, command, B, now=T0 + STALE_AFTER)).kind is ClaimKind.BUSY
-    await store.heartbeat(A, T0 + 100)
-    assert (await claim(store, command, B, now=T0 + 110)).kind is ClaimKind.BUSY
+    # Just inside `stale_after` still counts as alive; a fresh heartbeat keeps it so.
+    await age(store, A, STALE_AFTER - 1)
+    assert (await claim(store, command, B)).kind is ClaimKind.BUSY
+    await store.heartbeat(A)
+    await age(store, B, 100)  # the waiter's own liveness does not matter
+    assert (await claim(store, command, B)).kind is ClaimKind.BUSY
+
+
+async def test_a_claim_of_the_claiming_instance_itself_is_resumed(store: CommandStore) -> None:
+    # The instance runs one claim per command at a time (once.ExactlyOnce), so a claim of its
+    # own that it finds is one nothing runs any more: a lane cancelled, a lost answer.
+    command = new()
+    old = await claimed(store, command, A)
+    again = await claim(store, command, A)
+    assert again.kind is ClaimKind.RESUME
+    assert again.previous is State.RECEIVED
+    assert again.token is not None and again.token != old
+    with pytest.raises(LostClaim):
+        await store.mark_sent(command.key, old, T0)
+
+
+async def test_take_over_resumes_a_claim_of_a_live_instance(store: CommandStore) -> None:
+    command = new()
+    token = await claimed(store, command, A)
+    await store.mark_sent(command.key, token, T0 + 1)
+    assert (await claim(store, command, B)).kind is ClaimKind.BUSY
+    taken = await claim(store, command, B, take_over=True)
+    assert (taken.kind, taken.previous, taken.sent_at) == (ClaimKind.RESUME, State.SENT, T0 + 1)
+    # A done command is done, take-over or not.
+    assert taken.token is not None
+    await store.complete(command.key, taken.token, result(), False, T0 + 2)
+    assert (await claim(store, command, A, take_over=True)).kind is ClaimKind.DONE
 
 
 async def test_resume_from_received_when_the_owner_went_stale(store: CommandStore) -> None:
     command = new()
     old = await claimed(store, command, A)
-    later = T0 + STALE_AFTER + 1
-    await store.heartbeat(B, later)
-    resumed = await claim(store, command, B, now=later)
+    await store.heartbeat(B)
+    await age(store, A, STALE_AFTER + 1)
+    resumed = await claim(store, command, B)
     assert resumed.kind is ClaimKind.RESUME
     assert resumed.previous is State.RECEIVED
     assert resumed.sent_at is None
     assert resumed.token is not None and resumed.token != old
     # B owns it now, and B is alive: A (back from the dead) must wait.
-    assert (await claim(store, command, A, now=later)).kind is ClaimKind.BUSY
+    await store.heartbeat(A)
+    assert (await claim(store, command, A)).kind is ClaimKind.BUSY
 
 
 async def test_resume_when_the_owner_retired(store: CommandStore) -> None:
@@ -187,6 +240,7 @@ async def test_resume_from_sent_carries_sent_at(store: CommandStore) -> None:
     command = new()
     token = await claimed(store, command, A)
     await store.mark_sent(command.key, token, T0 + 3)
+    await age(store, A, STALE_AFTER + 1)
     later = T0 + 100
     resumed = await claim(store, command, B, now=later)
     assert resumed.kind is ClaimKind.RESUME
@@ -222,6 +276,103 @@ async def test_old_token_is_dead_after_a_takeover(store: CommandStore) -> None:
     assert (await claim(store, command)).result == result("fresh")
 
 
+async def test_complete_is_repeatable_with_the_same_token_and_result(store: CommandStore) -> None:
+    # The first attempt's answer may be lost after it committed: the retry must not fail.
+    command = new()
+    token = await claimed(store, command)
+    await store.complete(command.key, token, result(), False, T0 + 1)
+    await store.complete(command.key, token, result(), False, T0 + 2)
+    assert (await claim(store, command)).result == result()
+    # A settled result is not put back by a late repeat.
+    assert await store.settle(command.key, 0, result("settled"), False, T0 + 3)
+    with pytest.raises(LostClaim):
+        await store.complete(command.key, token, result(), False, T0 + 4)
+    assert (await claim(store, command)).result == result("settled")
+
+
+async def test_release_frees_the_claim_where_it_got_to(store: CommandStore) -> None:
+    command = new()
+    token = await claimed(store, command, A)
+    await store.mark_sent(command.key, token, T0 + 1)
+    assert not await store.release(command.key, "not-the-token")
+    assert await store.release(command.key, token)
+    assert not await store.release(command.key, token)  # released already
+    # The next owner resumes at once, from `sent`, though A is alive.
+    await store.heartbeat(B)
+    resumed = await claim(store, command, B)
+    assert (resumed.kind, resumed.previous, resumed.sent_at) == (
+        ClaimKind.RESUME,
+        State.SENT,
+        T0 + 1,
+    )
+    with pytest.raises(LostClaim):
+        await store.complete(command.key, token, result(), False, T0 + 2)
+    # A done command cannot be released.
+    assert resumed.token is not None
+    await store.complete(command.key, resumed.token, result(), False, T0 + 2)
+    assert not await store.release(command.key, resumed.token)
+    assert (await claim(store, command, A)).kind is ClaimKind.DONE
+
+
+async def test_release_stranded_frees_only_claims_nothing_runs(store: CommandStore) -> None:
+    running, stranded, sent = new(1), new(2), new(3)
+    for command in (running, stranded, sent):
+        token = await claimed(store, command, A)
+    await store.mark_sent(sent.key, token, T0)
+    others = new(4)
+    await claimed(store, others, B)
+    await done(store, new(5))
+
+    assert await store.release_stranded(A, [running.key]) == 2
+    assert await store.release_stranded(A, [running.key]) == 0
+    await store.heartbeat(B)
+    await store.heartbeat("instance-c")
+    assert (await claim(store, running, "instance-c")).kind is ClaimKind.BUSY  # A runs it
+    assert (await claim(store, stranded, "instance-c")).kind is ClaimKind.RESUME
+    resumed = await claim(store, sent, "instance-c")
+    assert (resumed.kind, resumed.previous) == (ClaimKind.RESUME, State.SENT)
+    assert (await claim(store, others, "instance-c")).kind is ClaimKind.BUSY  # B's
+    assert (await claim(store, new(5), "instance-c")).kind is ClaimKind.DONE
+
+
+async def test_liveness_is_judged_by_the_stores_clock(url: str, store: CommandStore) -> None:
+    if url.startswith("sqlite"):
+        # One host: its own clock, which the store takes as a setting (tests move it).
+        ahead = time.time() + 1000
+        moved = SqliteStore(Path(url.removeprefix("sqlite:///")), clock=lambda: ahead)
+        await moved.open()
+        try:
+            await claimed(store, new(1), A)  # A's heartbeat at the real now
+            assert (await claim(moved, new(1), B)).kind is ClaimKind.RESUME
+        finally:
+            await moved.close()
+        return
+    # PostgreSQL: the database's clock; whatever the host's says, a fresh beat is fresh.
+    assert isinstance(store, PostgresStore)
+    await store.heartbeat(A)
+    async with store._pool.connection() as db:
+        cursor = await db.execute(
+            "SELECT abs(heartbeat_at - extract(epoch from now())) FROM vb_instances WHERE id = %s",
+            (A,),
+        )
+        row = await cursor.fetchone()
+    assert row is not None and row[0] < 5
+
+
+async def test_heartbeats_do_not_wait_for_the_pool(url: str) -> None:
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite: one writer, whose batches are short")
+    store = PostgresStore(url, max_connections=1, timeout_s=1.0)
+    await store.open()
+    try:
+        async with store._pool.connection():  # command traffic holds every connection
+            async with asyncio.timeout(2):
+                await store.heartbeat(A)
+                assert await store.release_stranded(A, []) == 0
+    finally:
+        await store.close()
+
+
 async def test_unknown_key_or_token_is_a_lost_claim(store: CommandStore) -> None:
     with pytest.raises(LostClaim):
         await store.mark_sent(CommandKey(SOURCE, "nope"), "token", T0)
@@ -234,8 +385,8 @@ async def test_unknown_key_or_token_is_a_lost_claim(store: CommandStore) -> None
 
 
 async def test_concurrent_claims_of_a_new_command_give_one_new(store: CommandStore) -> None:
-    await store.heartbeat(A, T0)
-    await store.heartbeat(B, T0)
+    await store.heartbeat(A)
+    await store.heartbeat(B)
     for n in range(10):
         claims = await asyncio.gather(claim(store, new(n), A), claim(store, new(n), B))
         assert sorted(c.kind for c in claims) == [ClaimKind.BUSY, ClaimKind.NEW], n
@@ -247,11 +398,12 @@ async def test_concurrent_claims_through_two_pools_give_one_new(
     if url.startswith("sqlite"):
         pytest.skip("one SQLite store per database: one instance of the service")
     one, two = await stores(), await stores()
-    await one.heartbeat(A, T0)
-    await two.heartbeat(B, T0)
+    await one.heartbeat(A)
+    await two.heartbeat(B)
+    await two.heartbeat("instance-c")
     for n in range(20):
         claims = await asyncio.gather(
-            claim(one, new(n), A), claim(two, new(n), B), claim(two, new(n), B)
+            claim(one, new(n), A), claim(two, new(n), B), claim(two, new(n), "instance-c")
         )
         kinds = sorted(c.kind for c in claims)
         assert kinds == [ClaimKind.BUSY, ClaimKind.BUSY, ClaimKind.NEW], n
@@ -319,7 +471,8 @@ async def test_settle_leaves_records_in_flight_alone(store: CommandStore) -> Non
     await claimed(store, command)
     assert not await store.settle(command.key, 0, result(), False, T0)
     assert not await store.settle(CommandKey(SOURCE, "nope"), 0, result(), False, T0)
-    assert (await claim(store, command)).kind is ClaimKind.BUSY
+    await store.heartbeat(B)
+    assert (await claim(store, command, B)).kind is ClaimKind.BUSY
 
 
 # -- retention ---------------------------------------------------------------------------------

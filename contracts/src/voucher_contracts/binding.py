@@ -320,9 +320,49 @@ def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def encode_result(result: ResultEnvelope) -> bytes:
-    """A result event's record value (structured mode; content-type header is the caller's)."""
-    return result.model_dump_json(exclude_none=True).encode()
+def encode_result(result: ResultEnvelope, max_bytes: int | None = None) -> bytes:
+    """A result event's record value (structured mode; content-type header is the caller's),
+    at most `max_bytes` long when given (see `fit_result`)."""
+    return fit_result(result, max_bytes)[0]
+
+
+def fit_result(result: ResultEnvelope, max_bytes: int | None) -> tuple[bytes, bool]:
+    """The record value, and whether it was cut: a result longer than `max_bytes` keeps the
+    first items of its lists, as many as fit, with `truncated: true`; failing that, it is
+    `compact_result`."""
+    value = result.model_dump_json(exclude_none=True).encode()
+    if max_bytes is None or len(value) <= max_bytes:
+        return value, False
+    extras = result.data.model_extra or {}
+    lists = {name: v for name, v in extras.items() if isinstance(v, list) and v}
+    fitting: bytes | None = None
+    low, high = 0, max((len(v) for v in lists.values()), default=0) - 1
+    while low <= high:  # the most items per list that fit
+        keep = (low + high) // 2
+        data = result.data.model_copy(
+            update={**{name: v[:keep] for name, v in lists.items()}, "truncated": True}
+        )
+        candidate = result.model_copy(update={"data": data}).model_dump_json(exclude_none=True)
+        if len(candidate.encode()) <= max_bytes:
+            fitting, low = candidate.encode(), keep + 1
+        else:
+            high = keep - 1
+    return (fitting if fitting is not None else compact_result(result)), True
+
+
+# A message is the upstream's own text; a compact result keeps the start of it.
+_COMPACT_MESSAGE_CHARS = 500
+
+
+def compact_result(result: ResultEnvelope) -> bytes:
+    """The result with only the fields every result has (no per-type fields), `truncated:
+    true`: a few hundred bytes, whatever the upstream answered."""
+    data = result.data
+    fields = {name: getattr(data, name) for name in type(data).model_fields}
+    if data.message is not None:
+        fields["message"] = data.message[:_COMPACT_MESSAGE_CHARS]
+    compact = type(data).model_validate({**fields, "truncated": True})
+    return result.model_copy(update={"data": compact}).model_dump_json(exclude_none=True).encode()
 
 
 RESULT_CONTENT_TYPE = STRUCTURED_CONTENT_TYPE

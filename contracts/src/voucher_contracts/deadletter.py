@@ -10,3 +10,6 @@ ORIGINAL_PARTITION = "x-dlq-original-partition"
 ORIGINAL_OFFSET = "x-dlq-original-offset"
 ORIGINAL_TIMESTAMP = "x-dlq-original-timestamp"  # the record's timestamp, ms since the epoch
 ORIGINAL_GROUP = "x-dlq-original-group"  # the consumer group that read it
+# Set when the record, byte for byte with these headers, was more than the broker takes: the
+# dead letter then has no value and none of the original headers; this says what was left out.
+OMITTED = "x-dlq-omitted"

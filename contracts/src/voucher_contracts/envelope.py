@@ -85,6 +85,9 @@ class ResultData(BaseModel):
     # Set when this result replaces an earlier one for the same command (e.g. an
     # `indeterminate` later resolved): the `id` of the result it supersedes.
     supersedes: str | None = None
+    # Set when the result was cut to fit the largest record the broker takes: its lists hold
+    # only their first items, or (`compact`) only the fields above are kept.
+    truncated: bool | None = None
 
 
 class ResultEnvelope(BaseModel):

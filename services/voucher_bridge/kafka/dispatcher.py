@@ -15,8 +15,9 @@ Confluent Parallel Consumer's KEY mode:
 - on shutdown, the same for every partition.
 
 A record is finished only when `process` returns; `process` is expected to handle every
-failure of its own (dead letter, `failed` result). If it raises anyway, the record is retried
-with backoff rather than skipped: nothing is committed past a record that was not processed.
+failure of its own (dead letter, `failed` result). If it raises anyway (a bug), the record is
+tried again a few times with backoff, then given up, logged and counted
+(`voucher_bridge.records.abandoned`), so that one record never stops its partition.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from voucher_bridge import metrics
 from voucher_bridge.kafka.offsets import PartitionOffsets
 from voucher_bridge.kafka.records import Record
 
 log = logging.getLogger(__name__)
+
+_ATTEMPTS = 5
 
 Process = Callable[[Record], Awaitable[None]]
 
@@ -140,21 +144,34 @@ class KeyOrderedDispatcher:
                 partition.idle.set()
 
     async def _process_until_done(self, record: Record) -> None:
+        # `process` ends every record itself (a result or a dead letter; see pipeline.py) and
+        # waits out a broker that takes nothing. What still raises is a bug: tried a few
+        # times, then given up loudly, so that one record never holds up its partition.
         delay = 0.5
-        while True:
+        for attempt in range(1, _ATTEMPTS + 1):
             try:
                 await self._process(record)
                 return
             except Exception:
                 log.exception(
-                    "processing %s[%d]@%d failed; retrying in %.1fs",
+                    "processing %s[%d]@%d failed (attempt %d of %d)",
                     record.topic,
                     record.partition,
                     record.offset,
-                    delay,
+                    attempt,
+                    _ATTEMPTS,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                if attempt < _ATTEMPTS:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+        log.error(
+            "%s[%d]@%d given up after %d attempts: no result and no dead letter",
+            record.topic,
+            record.partition,
+            record.offset,
+            _ATTEMPTS,
+        )
+        metrics.records_abandoned.add(1, {"topic": record.topic})
 
     def _release(self, count: int) -> None:
         self._in_flight -= count

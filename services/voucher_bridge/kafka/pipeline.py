@@ -1,4 +1,14 @@
-"""One record in, one result event (or one dead letter) out, inside one trace."""
+"""One record in, one result event (or one dead letter) out, inside one trace.
+
+`process` ends every record so, whatever its bytes and whatever fails: a record that cannot be
+read (or that decoding fails on) is a dead letter; a command is answered by the executor within
+its bound, or, should the executor itself fail, `failed` (`indeterminate` where the command
+moves money) under an unrecorded result id; a result too large for the broker is cut to fit
+(`truncated: true`); one the broker refuses even so goes out compact, and failing that the
+command goes to the dead-letter topic (`result_refused`); a dead letter the broker refuses goes
+without the original value and headers (`x-dlq-omitted`). Only a broker that takes nothing at
+all holds a record up, until it is back (`RecordProducer.send`).
+"""
 
 from __future__ import annotations
 
@@ -13,20 +23,20 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from voucher_bridge import metrics
-from voucher_bridge.kafka.producer import RecordProducer
+from voucher_bridge.kafka.producer import RecordProducer, RecordRefused
 from voucher_bridge.kafka.records import Record
 from voucher_bridge.once import Answered
 from voucher_bridge.telemetry import context_from, trace_headers
 from voucher_contracts import (
     CommandEnvelope,
+    Outcome,
     ResultEnvelope,
     UnusableRecord,
     decode_command,
-    encode_result,
     result_type,
 )
 from voucher_contracts import deadletter as dlq
-from voucher_contracts.binding import RESULT_CONTENT_TYPE
+from voucher_contracts.binding import RESULT_CONTENT_TYPE, compact_result, fit_result
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("voucher_bridge")
@@ -35,7 +45,12 @@ tracer = trace.get_tracer("voucher_bridge")
 class Executor(Protocol):
     """Turns a command into its answer, at most once upstream (see `once.ExactlyOnce`)."""
 
+    @property
+    def money_moving(self) -> frozenset[str]: ...
+
     async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered: ...
+
+    def unrecorded(self, command: CommandEnvelope, exc: BaseException) -> Answered: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class CommandPipeline:
         *,
         group_id: str,
         max_record_bytes: int,
+        max_result_bytes: int = 1_000_000,
     ) -> None:
         self._topics = topics
         self._command_types = frozenset(command_types)
@@ -62,16 +78,24 @@ class CommandPipeline:
         self._producer = producer
         self._group_id = group_id
         self._max_record_bytes = max_record_bytes
+        self._max_result_bytes = max_result_bytes
 
-    async def process(self, record: Record) -> None:
-        command: CommandEnvelope | None = None
-        unusable: UnusableRecord | None = None
+    def _decode(self, record: Record) -> tuple[CommandEnvelope | None, UnusableRecord | None]:
         try:
             command = decode_command(record.headers, record.value, max_bytes=self._max_record_bytes)
             if command.type not in self._command_types:
                 raise UnusableRecord("unknown_type", f"{command.type!r} is not a command here")
         except UnusableRecord as exc:
-            unusable = exc
+            return None, exc
+        except Exception as exc:  # a bug in decoding: the record still ends, as a dead letter
+            log.exception(
+                "decoding %s[%d]@%d failed", record.topic, record.partition, record.offset
+            )
+            return None, UnusableRecord("internal_error", f"decoding failed: {type(exc).__name__}")
+        return command, None
+
+    async def process(self, record: Record) -> None:
+        command, unusable = self._decode(record)
         parent = context_from(record.headers, command.traceparent if command else None)
         with tracer.start_as_current_span(
             f"process {record.topic}",
@@ -95,12 +119,22 @@ class CommandPipeline:
             span.set_attribute("messaging.message.id", command.id)
             span.set_attribute("cloudevents.event_type", command.type)
             started = time.monotonic()
-            answered = await self._executor.execute(command, record.key)
+            try:
+                answered = await self._executor.execute(command, record.key)
+            except Exception as exc:
+                log.exception("executing %s %s failed", command.type, command.id)
+                answered = self._unanswered(command, exc)
             data = answered.data
             span.set_attribute("voucher_bridge.outcome", data.outcome.value)
             if data.reason:
                 span.set_attribute("voucher_bridge.reason", data.reason)
-            await self.publish_result(record.key, command, answered)
+            try:
+                await self.publish_result(record.key, command, answered)
+            except RecordRefused as exc:
+                span.set_attribute("error.type", "result_refused")
+                detail = f"its result ({data.outcome.value}) was refused by the broker: {exc}"
+                await self._dead_letter(record, UnusableRecord("result_refused", detail))
+                return
             labels = {"command_type": command.type, "outcome": data.outcome.value}
             metrics.commands.add(1, {**labels, "reason": data.reason or ""})
             metrics.command_duration.record(time.monotonic() - started, labels)
@@ -116,9 +150,20 @@ class CommandPipeline:
                 f" ({data.reason})" if data.reason else "",
             )
 
+    def _unanswered(self, command: CommandEnvelope, exc: Exception) -> Answered:
+        """The answer when the executor itself failed: nothing says whether a money-moving
+        call went out, so such a command is `indeterminate`."""
+        answered = self._executor.unrecorded(command, exc)
+        if command.type not in self._executor.money_moving:
+            return answered
+        data = answered.data.model_copy(update={"outcome": Outcome.INDETERMINATE})
+        return Answered(data, answered.result_id)
+
     async def publish_result(
         self, key: bytes | None, command: CommandEnvelope, answered: Answered
     ) -> ResultEnvelope:
+        """Publish the result, cut to fit (`truncated`), compact if the broker refuses it so;
+        raises RecordRefused when the broker refuses even that."""
         envelope = ResultEnvelope(
             id=answered.result_id,
             type=result_type(command.type),
@@ -139,7 +184,19 @@ class CommandPipeline:
         ):
             headers = [("content-type", RESULT_CONTENT_TYPE.encode()), *trace_headers()]
             key = key if key is not None else command.subject.encode()
-            await self._producer.send(self._topics.results, key, encode_result(envelope), headers)
+            value, truncated = fit_result(envelope, self._max_result_bytes)
+            if truncated:
+                metrics.results_truncated.add(1, {"command_type": command.type})
+            try:
+                await self._producer.send(self._topics.results, key, value, headers)
+            except RecordRefused as exc:
+                log.error(
+                    "%s %s: the broker refused its result (%s)", command.type, command.id, exc
+                )
+                metrics.records_refused.add(1, {"topic": self._topics.results, "sent": "compact"})
+                await self._producer.send(
+                    self._topics.results, key, compact_result(envelope), headers
+                )
         return envelope
 
     async def _dead_letter(self, record: Record, reason: UnusableRecord) -> None:
@@ -154,7 +211,30 @@ class CommandPipeline:
             dlq.ORIGINAL_GROUP: self._group_id,
         }
         headers = [*record.headers, *((k, v.encode()) for k, v in added.items())]
-        await self._producer.send(self._topics.dead_letters, record.key, record.value, headers)
+        topic = self._topics.dead_letters
+        try:
+            await self._producer.send(topic, record.key, record.value, headers)
+        except RecordRefused as exc:
+            # Byte for byte is more than the broker takes: the dead letter still says where the
+            # record is (topic, partition, offset) and why it was not a command.
+            log.error("%s: the broker refused the dead letter (%s); sending it bare", topic, exc)
+            size, count = len(record.value or b""), len(record.headers)
+            omitted = f"the value ({size} bytes) and {count} headers: {exc}"[:1000]
+            bare = [*headers[count:], (dlq.OMITTED, omitted.encode())]
+            try:
+                await self._producer.send(topic, record.key, None, bare)
+            except RecordRefused:
+                log.error(
+                    "%s[%d]@%d: no dead letter could be sent (%s); given up",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    reason.reason,
+                )
+                metrics.records_refused.add(1, {"topic": topic, "sent": "nothing"})
+                metrics.records_abandoned.add(1, {"topic": record.topic})
+                return
+            metrics.records_refused.add(1, {"topic": topic, "sent": "without_value"})
         metrics.dead_letters.add(1, {"topic": record.topic, "reason": reason.reason})
         log.warning(
             "%s[%d]@%d is not a usable command (%s): sent to %s",

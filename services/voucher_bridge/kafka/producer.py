@@ -4,31 +4,81 @@ A plain aiokafka producer rather than FastStream's `broker.publish`: FastStream 
 values as text and adds its own `content-type` and `correlation_id` headers, but a dead letter
 must carry the original record byte for byte (headers included) and a result exactly the
 headers of the contract.
+
+A send ends one of two ways: the broker has the record (acks=all), or the broker refused this
+record for good (`RecordRefused`: too large, malformed), which sending it again cannot change.
+Anything else (a leader moving, a request timing out, the broker restarting or down) is sent
+again with backoff until the broker takes it, and counted: the record waits for the broker,
+as every other record does, rather than being dropped. aiokafka retries inside a request's
+timeout only; what it gives up on, this goes on with.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kafka_errors
+
+from voucher_bridge import metrics
+
+log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
 
+# What the broker (or aiokafka, before sending) says of the record itself.
+_REFUSED_FOR_GOOD: tuple[type[Exception], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.CorruptRecordException,
+    kafka_errors.InvalidTimestampError,
+    kafka_errors.UnsupportedForMessageFormatError,
+)
+# Errors after which the producer itself is made anew: its idempotence state is off from the
+# broker's (sequence numbers after a broker lost its producer state, say).
+_PRODUCER_BROKEN: tuple[type[Exception], ...] = (
+    kafka_errors.OutOfOrderSequenceNumber,
+    kafka_errors.UnknownProducerId,
+    kafka_errors.InvalidProducerEpoch,
+    kafka_errors.ProducerFenced,
+    kafka_errors.IllegalStateError,
+)
+
+
+class RecordRefused(Exception):
+    """The broker refused this record for good; sending it again cannot change that."""
+
 
 class RecordProducer:
-    def __init__(self, **connection: Any) -> None:
+    def __init__(
+        self, *, retry_base_s: float = 0.2, retry_max_s: float = 10.0, **connection: Any
+    ) -> None:
         self._connection = connection
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
         self._producer: AIOKafkaProducer | None = None
+        self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
+        self._producer = await self._started_producer()
+
+    async def _started_producer(self) -> AIOKafkaProducer:
         # Idempotent (hence acks=all): a retried send never writes a result twice. No linger:
         # a till waits for its result, and records still batch while a request is in flight
         # (aiokafka sends one at a time per broker), so under load nothing is lost by it.
-        self._producer = AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             enable_idempotence=True, linger_ms=0, request_timeout_ms=30_000, **self._connection
         )
-        await self._producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
 
     @property
     def started(self) -> bool:
@@ -36,13 +86,48 @@ class RecordProducer:
 
     async def stop(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
     async def send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
     ) -> None:
-        """Send and wait until the broker has the record (acks=all)."""
-        if self._producer is None:
-            raise RuntimeError("producer not started")
-        await self._producer.send_and_wait(topic, value=value, key=key, headers=list(headers))
+        """Send and wait until the broker has the record (acks=all); see the module's note."""
+        delay = self._retry_base_s
+        while True:
+            producer = self._producer
+            if producer is None:
+                raise RuntimeError("producer not started")
+            try:
+                await producer.send_and_wait(topic, value=value, key=key, headers=list(headers))
+                return
+            except _REFUSED_FOR_GOOD as exc:
+                raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
+            except kafka_errors.KafkaError as exc:
+                metrics.publish_retries.add(1, {"topic": topic, "error": type(exc).__name__})
+                log.warning(
+                    "sending to %s failed (%s: %s); trying again in %.1f s",
+                    topic,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                if isinstance(exc, _PRODUCER_BROKEN):
+                    await self._renew(producer)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
+
+    async def _renew(self, broken: AIOKafkaProducer) -> None:
+        async with self._renewing:
+            if id(self._producer) != id(broken):
+                return  # another send renewed it already
+            log.warning("making the producer anew")
+            try:
+                self._producer = await self._started_producer()
+            except Exception:
+                log.exception("a new producer did not start; trying again later")
+                return
+            try:
+                await broken.stop()
+            except Exception:
+                log.exception("stopping the broken producer failed")

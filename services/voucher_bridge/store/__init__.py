@@ -9,8 +9,9 @@ from urllib.parse import urlparse
 from voucher_bridge.store.base import CommandStore
 
 
-def open_store(url: str) -> CommandStore:
-    """`sqlite:///relative/path`, `sqlite:////absolute/path`, or `postgresql://…`."""
+def open_store(url: str, timeout_s: float = 5.0) -> CommandStore:
+    """`sqlite:///relative/path`, `sqlite:////absolute/path`, or `postgresql://…`; `timeout_s`:
+    how long a PostgreSQL operation waits for a connection."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         from voucher_bridge.store.sqlite import SqliteStore
@@ -19,7 +20,7 @@ def open_store(url: str) -> CommandStore:
     if scheme in ("postgresql", "postgres"):
         from voucher_bridge.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, timeout_s=timeout_s)
     raise ValueError(f"IDEMPOTENCY_STORE_URL: unsupported scheme {scheme!r}")
 
 

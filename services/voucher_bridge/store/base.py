@@ -11,12 +11,17 @@ acted, so a crash here means reconciling, never resending. `done`: the result is
 what every redelivery publishes again.
 
 A claim belongs to an instance of the service; an instance is alive while its heartbeat is
-fresh. A claim of a dead instance is taken over; a claim of a live one is waited for, so two
+fresh by the store's own clock (PostgreSQL's `now()` for several hosts, so that no host's clock
+decides). A claim of a dead instance is taken over; a claim of a live one is waited for, so two
 copies of a command in flight (a rebalance, a duplicate on another partition) make one call.
+A claim of the claiming instance itself is one nothing runs any more (a lane cancelled, a
+result that could not be stored): the caller runs one claim per command at a time
+(`once.ExactlyOnce`), so it resumes it, as a crash would be resumed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -81,19 +86,24 @@ class StoredCommand:
     sent_at: float | None
     result: str | None
     revision: int
-    owner_heartbeat_at: float | None  # None: the owner retired or never was
+    owner: str | None  # None: released, or done
+    owner_alive: bool  # the owner's heartbeat is fresh by the store's clock
 
 
 def decide_claim(
-    stored: StoredCommand, content_hash: str, token: str, stale_before: float
+    stored: StoredCommand, content_hash: str, token: str, instance: str, take_over: bool = False
 ) -> Claim:
-    """What a command already in the store means for a copy of it that arrives now."""
+    """What a command already in the store means for a copy of it that `instance` has now.
+
+    `take_over`: the caller has waited on a live owner for longer than that owner can take
+    to finish a command, so the claim is stranded there (see `once.ExactlyOnce`)."""
     if stored.content_hash != content_hash:
         return Claim(ClaimKind.CONFLICT)
     if stored.state is State.DONE:
         return Claim(ClaimKind.DONE, result=stored.result, revision=stored.revision)
-    if stored.owner_heartbeat_at is not None and stored.owner_heartbeat_at >= stale_before:
-        return Claim(ClaimKind.BUSY)  # its owner is alive (possibly this very instance)
+    held_elsewhere = stored.owner is not None and stored.owner != instance and stored.owner_alive
+    if held_elsewhere and not take_over:
+        return Claim(ClaimKind.BUSY)
     return Claim(ClaimKind.RESUME, token=token, previous=stored.state, sent_at=stored.sent_at)
 
 
@@ -105,16 +115,32 @@ class CommandStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
-    async def heartbeat(self, instance: str, now: float) -> None: ...
+    # Liveness, by the store's clock; kept off the path of command traffic.
+    async def heartbeat(self, instance: str) -> None: ...
     async def retire(self, instance: str) -> None: ...
+    async def release_stranded(self, instance: str, running: Collection[CommandKey]) -> int:
+        """Free every unfinished claim of `instance` whose command is not in `running`."""
+        ...
 
     async def claim(
-        self, command: NewCommand, instance: str, now: float, stale_before: float
+        self,
+        command: NewCommand,
+        instance: str,
+        now: float,
+        stale_after_s: float,
+        take_over: bool = False,
     ) -> Claim: ...
     async def mark_sent(self, key: CommandKey, token: str, now: float) -> None: ...
     async def complete(
         self, key: CommandKey, token: str, result: str, unsettled: bool, now: float
-    ) -> None: ...
+    ) -> None:
+        """Store the result. Repeatable with the same token and result: an attempt whose
+        answer was lost may be made again."""
+        ...
+
+    async def release(self, key: CommandKey, token: str) -> bool:
+        """Give the claim up, where it got to (received or sent), for the next owner."""
+        ...
 
     async def unsettled(self, limit: int) -> list[Unsettled]: ...
     async def settle(

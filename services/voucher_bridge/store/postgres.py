@@ -2,12 +2,17 @@
 
 A claim runs in one transaction that locks the command's row (`SELECT … FOR UPDATE`), so two
 instances that see the same command at once get one `new` and one `busy`.
+
+Liveness is judged by the database's clock (`clock_timestamp()`), never a host's own, and the
+heartbeat (with the sweep of stranded claims) runs on a connection of its own, so that it never
+waits behind command traffic for a connection of the pool.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -47,6 +52,7 @@ CREATE TABLE IF NOT EXISTS vb_commands (
 );
 CREATE INDEX IF NOT EXISTS vb_commands_unsettled ON vb_commands (unsettled) WHERE unsettled;
 CREATE INDEX IF NOT EXISTS vb_commands_done_at ON vb_commands (updated_at) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS vb_commands_owner ON vb_commands (owner) WHERE owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS vb_instances (
     id TEXT PRIMARY KEY, heartbeat_at DOUBLE PRECISION NOT NULL
 );
@@ -56,11 +62,24 @@ CREATE TABLE IF NOT EXISTS vb_terminal_sessions (
 """
 
 
+_DB_NOW = "extract(epoch from clock_timestamp())"
+
+
 class PostgresStore:
-    def __init__(self, url: str, max_connections: int = 20) -> None:
+    def __init__(self, url: str, max_connections: int = 20, timeout_s: float = 5.0) -> None:
+        self._url = url
+        self._timeout_s = timeout_s
+        # `timeout`: how long an operation waits for a connection; with the server down it
+        # fails after that rather than after the pool's default 30 s, and is tried again.
         self._pool = AsyncConnectionPool(
-            url, min_size=1, max_size=max_connections, open=False, kwargs={"autocommit": True}
+            url,
+            min_size=1,
+            max_size=max_connections,
+            open=False,
+            timeout=timeout_s,
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
         )
+        self._liveness: AsyncConnection[Any] | None = None
 
     async def open(self) -> None:
         await self._pool.open(wait=True, timeout=30)
@@ -70,25 +89,63 @@ class PostgresStore:
             await db.execute(SCHEMA)
 
     async def close(self) -> None:
+        if self._liveness is not None:
+            await self._liveness.close()
+            self._liveness = None
         await self._pool.close()
+
+    async def _on_liveness_connection(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """Run `sql` on the heartbeat's own connection, made again after any failure."""
+        if self._liveness is None or self._liveness.closed:
+            self._liveness = await AsyncConnection.connect(
+                self._url, autocommit=True, connect_timeout=max(1, round(self._timeout_s))
+            )
+        try:
+            cursor = await self._liveness.execute(sql, params)
+            return await cursor.fetchall() if cursor.description else []
+        except Exception:
+            await self._liveness.close()
+            self._liveness = None
+            raise
 
     async def _execute(self, sql: str, params: tuple[Any, ...]) -> int:
         async with self._pool.connection() as db:
             cursor = await db.execute(sql, params)
             return cursor.rowcount
 
-    async def heartbeat(self, instance: str, now: float) -> None:
-        await self._execute(
-            "INSERT INTO vb_instances (id, heartbeat_at) VALUES (%s, %s) "
+    async def heartbeat(self, instance: str) -> None:
+        await self._on_liveness_connection(
+            f"INSERT INTO vb_instances (id, heartbeat_at) VALUES (%s, {_DB_NOW}) "
             "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            (instance, now),
+            (instance,),
         )
+
+    async def release_stranded(self, instance: str, running: Collection[CommandKey]) -> int:
+        rows = await self._on_liveness_connection(
+            "SELECT source, id, token FROM vb_commands WHERE owner = %s AND state != 'done'",
+            (instance,),
+        )
+        keep = set(running)
+        stranded = [r for r in rows if CommandKey(r[0], r[1]) not in keep]
+        for source, id_, token in stranded:
+            # The token guards against a claim made again (by this instance) since the select.
+            await self._on_liveness_connection(
+                "UPDATE vb_commands SET owner = NULL, token = NULL "
+                "WHERE source = %s AND id = %s AND token = %s",
+                (source, id_, token),
+            )
+        return len(stranded)
 
     async def retire(self, instance: str) -> None:
         await self._execute("DELETE FROM vb_instances WHERE id = %s", (instance,))
 
     async def claim(
-        self, command: NewCommand, instance: str, now: float, stale_before: float
+        self,
+        command: NewCommand,
+        instance: str,
+        now: float,
+        stale_after_s: float,
+        take_over: bool = False,
     ) -> Claim:
         key = command.key
         token = uuid.uuid4().hex
@@ -114,8 +171,8 @@ class PostgresStore:
             )
             if inserted.rowcount == 1:
                 return Claim(ClaimKind.NEW, token=token)
-            stored = await _locked_row(db, key)
-            claim = decide_claim(stored, command.content_hash, token, stale_before)
+            stored = await _locked_row(db, key, stale_after_s)
+            claim = decide_claim(stored, command.content_hash, token, instance, take_over)
             if claim.kind is ClaimKind.RESUME:
                 await db.execute(
                     "UPDATE vb_commands SET owner = %s, token = %s, updated_at = %s "
@@ -127,7 +184,7 @@ class PostgresStore:
     async def mark_sent(self, key: CommandKey, token: str, now: float) -> None:
         updated = await self._execute(
             "UPDATE vb_commands SET state = 'sent', sent_at = %s, updated_at = %s "
-            "WHERE source = %s AND id = %s AND token = %s",
+            "WHERE source = %s AND id = %s AND token = %s AND state != 'done'",
             (now, now, key.source, key.id, token),
         )
         if updated != 1:
@@ -137,12 +194,22 @@ class PostgresStore:
         self, key: CommandKey, token: str, result: str, unsettled: bool, now: float
     ) -> None:
         updated = await self._execute(
+            # The token stays: a repeated attempt (its answer lost) matches again.
             "UPDATE vb_commands SET state = 'done', result = %s, unsettled = %s, owner = NULL, "
-            "token = NULL, updated_at = %s WHERE source = %s AND id = %s AND token = %s",
-            (result, unsettled, now, key.source, key.id, token),
+            "updated_at = %s WHERE source = %s AND id = %s AND token = %s "
+            "AND (state != 'done' OR result = %s)",
+            (result, unsettled, now, key.source, key.id, token, result),
         )
         if updated != 1:
             raise LostClaim(f"{key}")
+
+    async def release(self, key: CommandKey, token: str) -> bool:
+        updated = await self._execute(
+            "UPDATE vb_commands SET owner = NULL, token = NULL "
+            "WHERE source = %s AND id = %s AND token = %s AND state != 'done'",
+            (key.source, key.id, token),
+        )
+        return updated == 1
 
     async def unsettled(self, limit: int) -> list[Unsettled]:
         async with self._pool.connection() as db:
@@ -206,16 +273,19 @@ class PostgresStore:
         )
 
 
-async def _locked_row(db: AsyncConnection[Any], key: CommandKey) -> StoredCommand:
+async def _locked_row(
+    db: AsyncConnection[Any], key: CommandKey, stale_after_s: float
+) -> StoredCommand:
     cursor = await db.execute(
-        "SELECT c.content_hash, c.state, c.sent_at, c.result, c.revision, i.heartbeat_at "
+        "SELECT c.content_hash, c.state, c.sent_at, c.result, c.revision, c.owner, "
+        f"coalesce(i.heartbeat_at >= {_DB_NOW} - %s, FALSE) "
         "FROM vb_commands c LEFT JOIN vb_instances i ON i.id = c.owner "
         "WHERE c.source = %s AND c.id = %s FOR UPDATE OF c",
-        (key.source, key.id),
+        (stale_after_s, key.source, key.id),
     )
     row = await cursor.fetchone()
     assert row is not None  # it conflicted on insert, and records are never deleted in flight
-    return StoredCommand(row[0], State(row[1]), row[2], row[3], row[4], row[5])
+    return StoredCommand(row[0], State(row[1]), row[2], row[3], row[4], row[5], bool(row[6]))
 
 
 def _bytes(value: Any) -> bytes | None:

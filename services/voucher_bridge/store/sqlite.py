@@ -18,7 +18,7 @@ import queue
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_unsettled ON commands (unsettled) WHERE unsettled = 1;
 CREATE INDEX IF NOT EXISTS commands_done_at ON commands (updated_at) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS commands_owner ON commands (owner) WHERE owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at REAL NOT NULL
@@ -82,9 +83,14 @@ def _enable_wal(db: sqlite3.Connection, deadline_s: float = 10.0) -> None:
 
 
 class SqliteStore:
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+    """`clock`: the store's clock, by which liveness is judged (one host: its own)."""
+
+    def __init__(
+        self, path: Path, synchronous: str = "FULL", clock: Callable[[], float] = time.time
+    ) -> None:
         self._path = path
         self._synchronous = synchronous
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
         self._waiting: queue.SimpleQueue[_Operation[Any]] = queue.SimpleQueue()
@@ -162,7 +168,10 @@ class SqliteStore:
         await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
         self._executor.shutdown(wait=True)
 
-    async def heartbeat(self, instance: str, now: float) -> None:
+    async def heartbeat(self, instance: str) -> None:
+        # One instance per file, so the heartbeat is only for the next process on the same
+        # file (a restart): it shares the writer, whose batches are short.
+        now = self._clock()
         await self._run(
             lambda db: db.execute(
                 "INSERT INTO instances (id, heartbeat_at) VALUES (?, ?) "
@@ -171,19 +180,45 @@ class SqliteStore:
             )
         )
 
+    async def release_stranded(self, instance: str, running: Collection[CommandKey]) -> int:
+        keep = set(running)
+
+        def release(db: sqlite3.Connection) -> int:
+            rows = db.execute(
+                "SELECT source, id, token FROM commands WHERE owner = ? AND state != 'done'",
+                (instance,),
+            ).fetchall()
+            stranded = [r for r in rows if CommandKey(r[0], r[1]) not in keep]
+            for source, id_, token in stranded:
+                db.execute(
+                    "UPDATE commands SET owner = NULL, token = NULL "
+                    "WHERE source = ? AND id = ? AND token = ?",
+                    (source, id_, token),
+                )
+            return len(stranded)
+
+        return await self._run(release)
+
     async def retire(self, instance: str) -> None:
         await self._run(lambda db: db.execute("DELETE FROM instances WHERE id = ?", (instance,)))
 
     async def claim(
-        self, command: NewCommand, instance: str, now: float, stale_before: float
+        self,
+        command: NewCommand,
+        instance: str,
+        now: float,
+        stale_after_s: float,
+        take_over: bool = False,
     ) -> Claim:
+        stale_before = self._clock() - stale_after_s
+
         def claim(db: sqlite3.Connection) -> Claim:
             key = command.key
             row = db.execute(
-                "SELECT content_hash, state, sent_at, result, revision, "
-                "(SELECT heartbeat_at FROM instances WHERE id = commands.owner) "
+                "SELECT content_hash, state, sent_at, result, revision, owner, "
+                "coalesce((SELECT heartbeat_at >= ? FROM instances WHERE id = commands.owner), 0) "
                 "FROM commands WHERE source = ? AND id = ?",
-                (key.source, key.id),
+                (stale_before, key.source, key.id),
             ).fetchone()
             token = uuid.uuid4().hex
             if row is None:
@@ -206,8 +241,10 @@ class SqliteStore:
                     ),
                 )
                 return Claim(ClaimKind.NEW, token=token)
-            stored = StoredCommand(row[0], State(row[1]), row[2], row[3], row[4], row[5])
-            claim = decide_claim(stored, command.content_hash, token, stale_before)
+            stored = StoredCommand(
+                row[0], State(row[1]), row[2], row[3], row[4], row[5], bool(row[6])
+            )
+            claim = decide_claim(stored, command.content_hash, token, instance, take_over)
             if claim.kind is ClaimKind.RESUME:
                 db.execute(
                     "UPDATE commands SET owner = ?, token = ?, updated_at = ? "
@@ -222,7 +259,7 @@ class SqliteStore:
         def mark(db: sqlite3.Connection) -> int:
             return db.execute(
                 "UPDATE commands SET state = 'sent', sent_at = ?, updated_at = ? "
-                "WHERE source = ? AND id = ? AND token = ?",
+                "WHERE source = ? AND id = ? AND token = ? AND state != 'done'",
                 (now, now, key.source, key.id, token),
             ).rowcount
 
@@ -234,13 +271,25 @@ class SqliteStore:
     ) -> None:
         def complete(db: sqlite3.Connection) -> int:
             return db.execute(
+                # The token stays: a repeated attempt (its answer lost) matches again.
                 "UPDATE commands SET state = 'done', result = ?, unsettled = ?, owner = NULL, "
-                "token = NULL, updated_at = ? WHERE source = ? AND id = ? AND token = ?",
-                (result, int(unsettled), now, key.source, key.id, token),
+                "updated_at = ? WHERE source = ? AND id = ? AND token = ? "
+                "AND (state != 'done' OR result = ?)",
+                (result, int(unsettled), now, key.source, key.id, token, result),
             ).rowcount
 
         if await self._run(complete) != 1:
             raise LostClaim(f"{key}")
+
+    async def release(self, key: CommandKey, token: str) -> bool:
+        def release(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET owner = NULL, token = NULL "
+                "WHERE source = ? AND id = ? AND token = ? AND state != 'done'",
+                (key.source, key.id, token),
+            ).rowcount
+
+        return bool(await self._run(release))
 
     async def unsettled(self, limit: int) -> list[Unsettled]:
         def select(db: sqlite3.Connection) -> list[Unsettled]:
