@@ -95,3 +95,8 @@ records_abandoned = _meter.create_counter(
     unit="{record}",
     description="Records given up after every way to answer them failed (a bug: page on it).",
 )
+lanes_restarted = _meter.create_counter(
+    "voucher_bridge.lanes.restarted",
+    unit="{lane}",
+    description="Lanes (one key's records) cancelled outside a drain and started again.",
+)

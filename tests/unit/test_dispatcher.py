@@ -97,6 +97,7 @@ class Processor:
     delay: Callable[[FakeRecord], float] = lambda record: 0.0
     gates: dict[tuple[int, int], asyncio.Event] = field(default_factory=dict)
     fail_once: set[tuple[int, int]] = field(default_factory=set)
+    fail_always: set[tuple[int, int]] = field(default_factory=set)
     started: list[FakeRecord] = field(default_factory=list)
     done: list[FakeRecord] = field(default_factory=list)
     cancelled: list[FakeRecord] = field(default_factory=list)
@@ -136,6 +137,8 @@ class Processor:
             if where in self.fail_once:
                 self.fail_once.discard(where)
                 raise RuntimeError("transient")
+            if where in self.fail_always:
+                raise RuntimeError("a bug")
             gate = self.gates.get(where)
             if gate is not None:
                 await gate.wait()
@@ -389,6 +392,41 @@ async def test_a_record_that_raises_is_retried_not_skipped(
     await wait_until(lambda: len(processor.done) == 3, within=3)
     assert [r.offset for r in processor.started] == [0, 2, 0, 1]
     await wait_until(lambda: consumer.committed(TP0) == 3)
+
+
+async def test_a_record_that_always_raises_is_given_up_and_the_partition_moves_on(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from voucher_bridge.kafka import dispatcher as module
+
+    monkeypatch.setattr(module, "_ATTEMPTS", 2)
+    processor = Processor(fail_always={(0, 0)})
+    dispatcher, _ = setup(processor)
+    consumer = FakeConsumer(TP0)
+    await submit_all(dispatcher, consumer, [rec(0, "a"), rec(1, "a"), rec(2, "b")])
+    # Tried twice (0.5 s apart), then given up: the key's next record runs, commits go on.
+    await wait_until(lambda: consumer.committed(TP0) == 3, within=5)
+    assert [r.offset for r in processor.started].count(0) == 2
+    assert processor.done_offsets() == [2, 1]
+
+
+async def test_a_lane_cancelled_outside_a_drain_starts_again(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    processor = Processor()
+    gate = processor.gate(0)
+    dispatcher, _ = setup(processor)
+    consumer = FakeConsumer(TP0)
+    await submit_all(dispatcher, consumer, [rec(0, "a"), rec(1, "a")])
+    await wait_until(lambda: len(processor.started) == 1)
+    [lane] = dispatcher._partitions[TP0].lanes.values()
+    assert lane.task is not None
+    lane.task.cancel()  # killed, as by a bug elsewhere
+    await wait_until(lambda: len(processor.started) == 2)  # the record starts again
+    gate.set()
+    await wait_until(lambda: consumer.committed(TP0) == 2)
+    assert processor.done_offsets() == [0, 1]
 
 
 # -- intake --------------------------------------------------------------------------------------

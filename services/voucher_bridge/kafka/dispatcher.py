@@ -132,16 +132,34 @@ class KeyOrderedDispatcher:
                 partition.offsets.finish(record.offset)
                 self._release(1)
                 self._commit_wanted.set()
+        except asyncio.CancelledError:
+            if partition.revoked or self._closing or not lane.records:
+                raise
+            # Cancelled from outside a drain (nothing here does that): its records would be
+            # left unanswered and its partition's commits stuck behind them, so it runs on.
+            log.error(
+                "the lane of %r on %s[%d] was cancelled outside a drain; starting it again",
+                key,
+                lane.records[0].topic,
+                lane.records[0].partition,
+            )
+            metrics.lanes_restarted.add(1, {"topic": lane.records[0].topic})
+            lane.task = asyncio.create_task(self._run_lane(partition, key, lane))
+            return
         finally:
-            # Reached with records left only when cancelled (drain timed out): give back
-            # their room; their offsets stay uncommitted for the next owner.
-            if lane.records:
-                self._release(len(lane.records))
-                lane.records.clear()
-            if partition.lanes.get(key) is lane:
-                del partition.lanes[key]
-            if not partition.lanes:
-                partition.idle.set()
+            if lane.task is asyncio.current_task():  # not handed on to a restarted task
+                self._end_lane(partition, key, lane)
+
+    def _end_lane(self, partition: _Partition, key: bytes | None, lane: _Lane) -> None:
+        # Reached with records left only when cancelled by a drain that timed out: give back
+        # their room; their offsets stay uncommitted for the next owner.
+        if lane.records:
+            self._release(len(lane.records))
+            lane.records.clear()
+        if partition.lanes.get(key) is lane:
+            del partition.lanes[key]
+        if not partition.lanes:
+            partition.idle.set()
 
     async def _process_until_done(self, record: Record) -> None:
         # `process` ends every record itself (a result or a dead letter; see pipeline.py) and
