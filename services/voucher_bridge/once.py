@@ -177,13 +177,17 @@ class ExactlyOnce:
         await self.store.open()
         await self.store.heartbeat(self.instance)
         self._tasks = [
-            asyncio.create_task(self._every(self._timing.heartbeat_interval_s, self._beat)),
+            asyncio.create_task(
+                self._every("heartbeat", self._timing.heartbeat_interval_s, self._beat)
+            ),
             asyncio.create_task(
                 self._every(
-                    self._timing.settle_interval_s, lambda: self.settle(publish_superseding)
+                    "settling",
+                    self._timing.settle_interval_s,
+                    lambda: self.settle(publish_superseding),
                 )
             ),
-            asyncio.create_task(self._every(self._timing.purge_interval_s, self.purge)),
+            asyncio.create_task(self._every("purge", self._timing.purge_interval_s, self.purge)),
         ]
 
     async def stop(self) -> None:
@@ -199,13 +203,17 @@ class ExactlyOnce:
             log.exception("could not retire this instance; its claims are free once it is stale")
         await self.store.close()
 
-    async def _every(self, interval_s: float, work: Callable[[], Awaitable[object]]) -> None:
+    async def _every(
+        self, name: str, interval_s: float, work: Callable[[], Awaitable[object]]
+    ) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await work()
-            except Exception:
-                log.exception("background %s failed; trying again later", work)
+            except Exception as exc:
+                # Mostly the store away for a while: one line each time, the trace at debug.
+                log.warning("%s failed (%s: %s); trying again", name, type(exc).__name__, exc)
+                log.debug("%s failed", name, exc_info=True)
 
     async def _beat(self) -> None:
         async with asyncio.timeout(self._timing.store_timeout_s):
