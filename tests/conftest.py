@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.support.kafka import create_topic, ensure_kafka, unique_topic
 from voucher_bridge.app import Service
@@ -250,3 +251,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
+
+# Property tests: the same examples on every run (CI must not turn red by luck), no example
+# database in the tree. `HYPOTHESIS_PROFILE=explore` draws new ones.
+hypothesis_settings.register_profile("default", derandomize=True, database=None, deadline=None)
+hypothesis_settings.register_profile("explore", database=None, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -11,6 +11,8 @@
 #
 # Environment:
 #   KAFKA_PORT (9092)  KAFKA_CONTROLLER_PORT (9093)  KAFKA_HEAP ("-Xms256m -Xmx768m")
+#   KAFKA_STATE_DIR (var/kafka: data, logs, config and pid of this broker; the jars stay in
+#   var/kafka/libs, so a second broker, e.g. one a test restarts, shares them)
 #   KAFKA_OPTS (extra JVM options)  KAFKA_START_TIMEOUT (120 s)  KAFKA_STOP_TIMEOUT (30 s)
 #   MVN (mvn)  JAVA_HOME
 # Needs Java 17+, and Maven with access to Maven Central for `fetch`.
@@ -32,8 +34,8 @@ if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then JAVA="$JAVA_HOME/
 POM="$SCRIPT_DIR/pom.xml"
 TEMPLATE="$SCRIPT_DIR/server.properties"
 LOG4J="$SCRIPT_DIR/log4j2.properties"
-VAR="$ROOT/var/kafka"
-LIBS="$VAR/libs"
+VAR="${KAFKA_STATE_DIR:-$ROOT/var/kafka}"
+LIBS="$ROOT/var/kafka/libs"
 STAMP="$LIBS/.pom.sha256"
 DATA="$VAR/data"
 LOGS="$VAR/logs"
@@ -70,8 +72,8 @@ cmd_fetch() {
   command -v "$MVN" >/dev/null || die "Maven ('$MVN') not found; it is needed once to fetch the jars"
   local sum tmp start=$SECONDS
   sum="$(pom_sum)"
-  tmp="$VAR/libs.tmp.$$"
-  mkdir -p "$VAR" "$LOGS"
+  tmp="$LIBS.tmp.$$"
+  mkdir -p "$VAR" "$LOGS" "$(dirname "$LIBS")"
   rm -rf "$tmp"
   log "fetching the broker jars from Maven Central into $LIBS ..."
   # Output goes to a file: Debian's Maven 3.8 prints stray ANSI resets even with -B -q.

@@ -1,0 +1,169 @@
+"""The service survives its infrastructure, as processes, with tills at work: the Kafka broker
+restarted (stopped, 10 s, started), PostgreSQL restarted, the upstream hanging for longer than
+the drain timeout while the group rebalances. Afterwards every command has its one result, no
+voucher was redeemed twice, no till was answered out of order, and the same service process
+goes on answering without a restart of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Sandbox, Stack
+from tests.support.infra import PrivateBroker, PrivatePostgres
+from tests.support.kafka import create_topic
+from tests.support.workload import (
+    TillWorkload,
+    check_till_results,
+    read_until_answered,
+    service_env,
+)
+from voucher_bridge.localstack import CommandProducer, Process, ResultReader, start_service
+
+TILLS = 10
+BILLS = 4
+
+
+async def _topics(s: Stack, partitions: int = 3) -> None:
+    for topic in (s.commands, s.results, s.dlq, s.coupon_commands, s.coupon_results, s.coupon_dlq):
+        await create_topic(s.bootstrap, topic, partitions)
+
+
+def _tills(s: Stack, bills: int = BILLS) -> tuple[list[str], dict[str, list[str]]]:
+    tills = [s.terminal() for _ in range(TILLS)]
+    return tills, {t: s.sandbox.add_vouchers(*["10.00"] * (2 * bills)) for t in tills}
+
+
+def _double_redemptions(sandbox: Sandbox) -> int:
+    totals = sandbox.admin.get("state", params={"vouchers": "0"}).json()["totals"]
+    return int(totals["double_redemptions"])
+
+
+async def _finish(
+    s: Stack, workload: TillWorkload, service: Process, double_before: int, label: str
+) -> dict[str, int]:
+    """Wait for every answer, check the guarantees, and that the same process still answers."""
+    ids = {c.id for c in workload.sent}
+    async with ResultReader(s.bootstrap, s.results) as reader:
+        await read_until_answered(reader, ids, 180, service.alive)
+        async with CommandProducer(s.bootstrap, s.commands) as producer:
+            after = await producer.send("pos.bill_total", workload.tills[0], {"bill_total": "1"})
+        await read_until_answered(reader, {after.id}, 30, service.alive)
+        await reader.settle(1.0)
+        results = reader.records
+    codes = [code for codes in workload.vouchers.values() for code in codes]
+    outcomes = check_till_results(
+        workload,
+        results,
+        s.sandbox.vouchers(codes),
+        _double_redemptions(s.sandbox) - double_before,
+    )
+    assert service.alive()
+    print(
+        f"\n{label}: {len(workload.sent)} commands from {len(workload.tills)} tills "
+        f"({workload.resends} sent again by the tills meanwhile), {len(results)} results; "
+        f"final outcomes {dict(sorted(outcomes.items()))}"
+    )
+    return outcomes
+
+
+async def test_a_broker_restart_mid_run(sandbox: Sandbox, tmp_path: Path) -> None:
+    broker = PrivateBroker(tmp_path / "kafka")
+    await asyncio.to_thread(broker.up)
+    service: Process | None = None
+    try:
+        s = Stack(broker.bootstrap, sandbox, f"sqlite:///{tmp_path / 'store.sqlite3'}")
+        await _topics(s)
+        tills, vouchers = _tills(s)
+        double_before = _double_redemptions(sandbox)
+        service = start_service(service_env(s), tmp_path / "service.log")
+        workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.4)
+        run = asyncio.create_task(workload.run(BILLS))
+        await asyncio.sleep(4)  # commands flowing
+        await asyncio.to_thread(broker.down)
+        await asyncio.sleep(10)
+        await asyncio.to_thread(broker.up)
+        await asyncio.wait_for(run, 180)
+        await _finish(s, workload, service, double_before, "broker restart")
+    finally:
+        if service is not None:
+            service.stop()
+        await asyncio.to_thread(broker.down)
+
+
+async def test_a_postgres_restart_mid_run(
+    kafka_bootstrap: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    postgres = PrivatePostgres()
+    url = await asyncio.to_thread(postgres.up)
+    service: Process | None = None
+    try:
+        s = Stack(kafka_bootstrap, sandbox, url)
+        await _topics(s)
+        tills, vouchers = _tills(s)
+        double_before = _double_redemptions(sandbox)
+        service = start_service(service_env(s), tmp_path / "service.log")
+        workload = TillWorkload(kafka_bootstrap, s.commands, tills, vouchers, pause_s=0.4)
+        run = asyncio.create_task(workload.run(BILLS))
+        await asyncio.sleep(4)
+        await asyncio.to_thread(postgres.down)
+        await asyncio.sleep(8)
+        await asyncio.to_thread(postgres.up)
+        await asyncio.wait_for(run, 180)
+        outcomes = await _finish(s, workload, service, double_before, "PostgreSQL restart")
+        # The outage (8 s) was well inside a command's bound: nothing was answered `failed`.
+        assert not [k for k in outcomes if k.endswith(":failed")], outcomes
+    finally:
+        if service is not None:
+            service.stop()
+        await asyncio.to_thread(postgres.remove)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_an_upstream_hanging_past_the_drain_timeout_during_a_rebalance(
+    stack: Any, tmp_path: Path
+) -> None:
+    """Scans hang (15 s) when a second instance joins: the first one's drain gives up after
+    1 s and cancels them. Their claims are given back at once, so the new owner resumes them
+    straight away: with `INSTANCE_STALE_AFTER_S` at 120 s, waiting for the first instance to
+    look dead would take minutes."""
+    s: Stack = await stack(partitions=3)
+    tills, vouchers = _tills(s, bills=1)
+    double_before = _double_redemptions(s.sandbox)
+    env = service_env(
+        s,
+        DRAIN_TIMEOUT_S="1",
+        EVOUCHER_READ_TIMEOUT_S="30",
+        INSTANCE_STALE_AFTER_S="120",
+        SESSION_TIMEOUT_MS="10000",
+    )
+    workload = TillWorkload(s.bootstrap, s.commands, tills, vouchers, pause_s=0)
+    first = start_service(env, tmp_path / "first.log")
+    second: Process | None = None
+    try:
+        s.sandbox.faults(latency_ms=15_000, routes=["scan_voucher_api"])
+        started = time.monotonic()
+        run = asyncio.create_task(workload.run(1))
+        await asyncio.sleep(3)  # the first scans hang in the first instance
+        second = start_service(env, tmp_path / "second.log")
+        await _logged(first, "drain timed out", within_s=30)
+        s.sandbox.faults(latency_ms=0, routes=None)
+        await asyncio.wait_for(run, 120)
+        await _finish(s, workload, first, double_before, "upstream hanging during a rebalance")
+        assert time.monotonic() - started < 60
+        assert second.alive()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+async def _logged(process: Process, text: str, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while text not in process.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{process.log_path} never said {text!r}"
+        await asyncio.sleep(0.2)
