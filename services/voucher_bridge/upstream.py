@@ -84,9 +84,9 @@ async def call_with_retries(
 
 def json_object(raw: bytes) -> dict[str, Any] | None:
     """An answer's body as a JSON object, numbers exact (a price is never a float); None when
-    the body is not a JSON object."""
+    the body is not a JSON object. Read leniently: a body is what the upstream said."""
     try:
-        body = decode_json(raw)
+        body = decode_json(raw, lenient=True)
     except ValueError:  # not JSON, not UTF-8, or nested too deeply
         return None
     return body if isinstance(body, dict) else None

@@ -159,10 +159,11 @@ def test_structured_data_base64_is_decoded_as_json_with_decimals() -> None:
     assert type(command.data["bill_total"]) is Decimal
 
 
-def test_structured_data_wins_over_data_base64() -> None:
+def test_data_and_data_base64_both_are_refused() -> None:
+    # JSON event format §3.1: `data_base64` MUST NOT be present when `data` is. Which one
+    # did the sender mean?
     payload = base64.b64encode(b'{"bill_total": 1}').decode()
-    command = decode_command([CT], structured(data_base64=payload))
-    assert command.data == {"bill_total": "12.50"}
+    assert unusable([CT], structured(data_base64=payload)) == "invalid_attribute"
 
 
 def test_structured_without_data_has_none() -> None:
@@ -659,6 +660,30 @@ def test_nan_and_infinity_are_not_json(constant: bytes) -> None:
     assert unusable([CT], value) == "not_json"
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_json_in_another_encoding_than_utf8_is_not_json(encoding: str) -> None:
+    assert unusable([CT], structured().decode().encode(encoding)) == "not_json"
+
+
+def test_a_wide_object_is_checked_for_repeated_names_in_linear_time() -> None:
+    import time
+
+    members = ",".join(f'"k{n}":{n}' for n in range(80_000))  # about 1 MB
+    value = f'{{"specversion":"1.0",{members},"k7":1}}'.encode()
+    started = time.perf_counter()
+    assert unusable([CT], value, max_bytes=len(value)) == "not_json"
+    assert time.perf_counter() - started < 2  # a quadratic check took minutes
+
+
+def test_upstream_answers_are_read_leniently() -> None:
+    # What an upstream said is what it said: a repeated name keeps its last value, a lone
+    # surrogate becomes U+FFFD, so the answer can be carried into a result.
+    raw = b'{"success": 0, "success": 1, "message": "a\\ud800b"}'
+    assert decode_json(raw, lenient=True) == {"success": 1, "message": "a\ufffdb"}
+    with pytest.raises(ValueError):
+        decode_json(raw)
+
+
 def test_a_repeated_member_name_is_not_json() -> None:
     # Two parsers may keep different copies: which id or amount did the sender mean?
     value = structured().replace(b'"id": "cmd-1"', b'"id": "cmd-1", "id": "cmd-2"')
@@ -733,6 +758,7 @@ def test_source_uri_references_are_accepted(source: str) -> None:
         # A leap second: the first instant of the next second, as POSIX time counts it.
         ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),
         ("2016-12-31T23:59:60.5Z", datetime(2017, 1, 1, 0, 0, 0, 500000, UTC)),
+        ("2016-12-31T15:59:60-08:00", datetime(2017, 1, 1, tzinfo=UTC)),
     ],
 )
 def test_time_accepts_rfc3339(time: str, expected: datetime) -> None:
@@ -756,6 +782,8 @@ def test_time_accepts_rfc3339(time: str, expected: datetime) -> None:
         "2025-04-13T17:28:51.Z",
         "2025-04-13T17:28:51+0300",
         "\u0662025-04-13T17:28:51Z",  # a non-ASCII digit
+        "2016-12-31T12:30:60Z",  # a leap second only ends a UTC day
+        "9999-12-31T23:59:60Z",  # past the last representable instant
     ],
 )
 def test_time_refuses_what_is_not_rfc3339(time: str) -> None:

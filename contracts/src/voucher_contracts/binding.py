@@ -67,6 +67,7 @@ _NOT_IN_STRING = re.compile(
     + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
     + "]"
 )
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # RFC 3986: the characters of a URI-reference (unreserved, reserved, percent-encoded octets).
 _URI_REFERENCE = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -90,18 +91,31 @@ class JsonTooDeep(ValueError):
     """JSON nested deeper than `MAX_JSON_DEPTH`."""
 
 
-def decode_json(raw: bytes | str) -> Any:
+def decode_json(raw: bytes | str, *, lenient: bool = False) -> Any:
     """JSON with every non-integer number kept as an exact Decimal, and nothing in it that could
     not be written out again: raises ValueError for anything that is not such JSON (not JSON,
     not UTF-8, `NaN`, a repeated member name, a lone surrogate, nesting past `MAX_JSON_DEPTH`).
+
+    `lenient`, for what an upstream answered (its body is what it is, and may say a change was
+    made): a repeated name keeps its last value, a byte-order mark is skipped, and a lone
+    surrogate is read as U+FFFD, so that the answer can still be carried into a result.
     """
+    if isinstance(raw, bytes | bytearray):
+        # UTF-8 only (RFC 8259 §8.1): json.loads would guess UTF-16 or UTF-32 from bytes.
+        raw = bytes(raw).decode("utf-8-sig" if lenient else "utf-8")
     try:
         value = json.loads(
-            raw, parse_float=Decimal, parse_constant=_no_constant, object_pairs_hook=_object
+            raw,
+            parse_float=Decimal,
+            parse_constant=_no_constant,
+            object_pairs_hook=None if lenient else _object,
         )
     except RecursionError as exc:
         raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from exc
-    _check_carriable(value)
+    if not _check_carriable(value):
+        if not lenient:
+            raise ValueError("a string holds a lone surrogate escape, which is not Unicode")
+        value = _with_replacement_characters(value)
     return value
 
 
@@ -112,37 +126,57 @@ def _no_constant(name: str) -> Any:
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     value = dict(pairs)
     if len(value) != len(pairs):
-        names = [name for name, _ in pairs]
-        repeated = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"member {repeated[:40]!r} appears more than once")
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"member {name[:40]!r} appears more than once")
+            seen.add(name)
     return value
 
 
-def _check_carriable(value: Any) -> None:
-    # Iterative, so that the depth bound and not the interpreter's stack decides.
+def _check_carriable(value: Any) -> bool:
+    """Raises JsonTooDeep past the depth bound; False when a string is not Unicode (holds a
+    lone surrogate). Iterative, so that the bound and not the interpreter's stack decides."""
+    unicode = True
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
         item, depth = pending.pop()
         if isinstance(item, str):
-            _check_unicode(item)
+            unicode = unicode and _is_unicode(item)
         elif isinstance(item, dict | list):
             if depth > MAX_JSON_DEPTH:
                 raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
             if isinstance(item, dict):
                 for name, member in item.items():
-                    _check_unicode(name)
+                    unicode = unicode and _is_unicode(name)
                     pending.append((member, depth + 1))
             else:
                 pending.extend((member, depth + 1) for member in item)
+    return unicode
 
 
-def _check_unicode(text: str) -> None:
+def _is_unicode(text: str) -> bool:
     if text.isascii():
-        return
+        return True
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("a string holds a lone surrogate escape, which is not Unicode") from exc
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _with_replacement_characters(value: Any) -> Any:
+    # Depth is bounded already (`_check_carriable` passed that test), so recursion is safe.
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_with_replacement_characters(item) for item in value]
+    if isinstance(value, dict):
+        return {
+            _with_replacement_characters(k): _with_replacement_characters(v)
+            for k, v in value.items()
+        }
+    return value
 
 
 def header_value(headers: Headers, name: str) -> str | None:
@@ -204,7 +238,9 @@ def _structured_attributes(value: bytes | None) -> dict[str, Any]:
         raise UnusableRecord("not_a_cloudevent", "no specversion attribute")
     # A JSON null is an attribute left unset (JSON event format §2.2).
     event = {name: v for name, v in event.items() if v is not None}
-    if "data_base64" in event and "data" not in event:
+    if "data_base64" in event and "data" in event:
+        raise UnusableRecord("invalid_attribute", "data and data_base64 are both present")
+    if "data_base64" in event:
         if not isinstance(event["data_base64"], str):
             raise UnusableRecord("not_json", "data_base64 is not a string")
         try:
@@ -212,7 +248,6 @@ def _structured_attributes(value: bytes | None) -> dict[str, Any]:
         except ValueError as exc:
             raise UnusableRecord("not_json", f"data_base64 is not base64: {exc}") from exc
         event["data"] = _json(raw, "data_base64")
-    event.pop("data_base64", None)
     return event
 
 
@@ -286,9 +321,14 @@ def parse_timestamp(text: str) -> datetime:
     micros = int((fraction or "0")[:6].ljust(6, "0"))
     try:
         moment = datetime(year, month, day, hour, minute, min(second, 59), micros, zone)
-    except ValueError as exc:
+        if second != 60:
+            return moment
+        utc = moment.astimezone(UTC)
+        if (utc.hour, utc.minute) != (23, 59):  # a leap second ends a UTC day
+            raise ValueError("a leap second is 23:59:60 UTC")
+        return moment + timedelta(seconds=1)
+    except (ValueError, OverflowError) as exc:
         raise _invalid("time", f"is not a valid date-time ({exc})") from exc
-    return moment + timedelta(seconds=1) if second == 60 else moment
 
 
 def _string(name: str, value: Any) -> str:
