@@ -232,10 +232,6 @@ class ExactlyOnce:
             await self._store_unstored()
 
     @property
-    def money_moving(self) -> frozenset[str]:
-        return self._handler.money_moving
-
-    @property
     def running(self) -> int:
         """Commands this instance runs now."""
         return len(self._running)
@@ -281,8 +277,8 @@ class ExactlyOnce:
                     functools.partial(self._claim, new, take_over),
                     loop.time() + self._timing.command_timeout_s,
                 )
-            except StoreUnavailable as exc:
-                return self.unrecorded(command, exc)
+            except StoreUnavailable:
+                return self.unrecorded(command, "the idempotency store could not be reached")
             if claim.kind is ClaimKind.DONE:
                 assert claim.result is not None
                 data = ResultData.model_validate_json(claim.result)
@@ -357,28 +353,30 @@ class ExactlyOnce:
         resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
         try:
             data = await self._act(command, text_key, before_send, resuming_sent, deadline)
+            unsettled = (
+                data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
+            )
+            stored = data.model_dump_json()
+            answered = Answered(data, result_id(key.source, key.id))
+            try:
+                # A few tries even when the handler used up the command's time.
+                until = max(deadline, loop.time() + 3 * self._timing.store_timeout_s)
+                await self._store_op(
+                    lambda: self.store.complete(key, token, stored, unsettled, self._clock()),
+                    until,
+                )
+            except StoreUnavailable:
+                log.error(
+                    "%s %s: the store did not take the result; publishing it, storing it later",
+                    command.type,
+                    command.id,
+                )
+                self._unstored[key] = _Unstored(digest, token, stored, unsettled, answered)
         except asyncio.CancelledError:
-            # A drain that timed out, or a shutdown: the next owner resumes it at once.
+            # A drain that timed out, or a shutdown: the next owner resumes it at once (a
+            # claim already completed is not released).
             self._release_soon(key, token)
             raise
-        unsettled = (
-            data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
-        )
-        stored = data.model_dump_json()
-        answered = Answered(data, result_id(key.source, key.id))
-        try:
-            # A few tries even when the handler used up the command's time.
-            until = max(deadline, loop.time() + 3 * self._timing.store_timeout_s)
-            await self._store_op(
-                lambda: self.store.complete(key, token, stored, unsettled, self._clock()), until
-            )
-        except StoreUnavailable:
-            log.error(
-                "%s %s: the store did not take the result; publishing it, storing it later",
-                command.type,
-                command.id,
-            )
-            self._unstored[key] = _Unstored(digest, token, stored, unsettled, answered)
         return answered
 
     async def _act(
@@ -432,16 +430,23 @@ class ExactlyOnce:
         decision = Decision(outcome, "internal_error", type(exc).__name__)
         return result(command, decision, UpstreamReport())
 
-    def unrecorded(self, command: CommandEnvelope, exc: BaseException) -> Answered:
-        """The answer to a command the store could not record (nor say anything about) within
-        its time: nothing was sent for it by this instance; `failed`, under a result id that
-        no recorded result of the command has."""
-        log.error("%s %s: the store could not be reached: %s", command.type, command.id, exc)
-        metrics.unrecorded.add(1, {"command_type": command.type})
-        decision = Decision(
-            Outcome.FAILED, "internal_error", "the idempotency store could not be reached"
+    def unrecorded(self, command: CommandEnvelope, why: str) -> Answered:
+        """The answer to a command that could not be recorded within its time (the store away,
+        or a bug). This instance sent nothing for it; an earlier attempt of a money-moving
+        command (a crashed owner's) may have, and nothing here can tell, so such a command is
+        `indeterminate` for an operator to reconcile, any other `failed`. The result id is one no
+        recorded result of the command has."""
+        moves_money = command.type in self._handler.money_moving
+        log.error(
+            "%s %s: answered without a record (%s)%s",
+            command.type,
+            command.id,
+            why,
+            "; an operator must reconcile it" if moves_money else "",
         )
-        data = result(command, decision, UpstreamReport())
+        metrics.unrecorded.add(1, {"command_type": command.type})
+        outcome = Outcome.INDETERMINATE if moves_money else Outcome.FAILED
+        data = result(command, Decision(outcome, "internal_error", why), UpstreamReport())
         return Answered(data, unrecorded_result_id(command.source, command.id))
 
     async def _store_op(self, operation: Callable[[], Awaitable[T]], deadline: float) -> T:

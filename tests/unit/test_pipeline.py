@@ -68,13 +68,15 @@ class ScriptedExecutor:
         )
         return Answered(data, result_id(command.source, command.id))
 
-    def unrecorded(self, command: CommandEnvelope, exc: BaseException) -> Answered:
+    def unrecorded(self, command: CommandEnvelope, why: str) -> Answered:
+        moves_money = command.type in self.money_moving
         data = ResultData(
             command_id=command.id,
             command_source=command.source,
             command_type=command.type,
-            outcome=Outcome.FAILED,
+            outcome=Outcome.INDETERMINATE if moves_money else Outcome.FAILED,
             reason="internal_error",
+            message=why,
         )
         return Answered(data, unrecorded_result_id(command.source, command.id))
 
@@ -157,8 +159,8 @@ async def test_an_executor_that_raises_still_answers(type_: str, outcome: str) -
     [(topic, _, value, _)] = producer.sent
     assert topic == "pos.results" and value is not None
     result = json.loads(value)
-    # Nothing says whether a money-moving call went out: never `failed` for one.
     assert (result["data"]["outcome"], result["data"]["reason"]) == (outcome, "internal_error")
+    assert result["data"]["message"] == "processing failed (RuntimeError)"
     assert result["id"] == unrecorded_result_id("/s", "c1")
 
 
@@ -199,11 +201,19 @@ async def test_a_dead_letter_the_broker_refuses_goes_without_the_value() -> None
     original = [CT, ("x-big", b"y" * 1_000)]
     await pipeline(ScriptedExecutor(), producer).process(FakeRecord(big, headers=original))
     [(topic, key, value, headers)] = producer.sent
-    assert (topic, key, value) == ("pos.commands.dlq", b"till-1", None)
+    assert (topic, key, value) == ("pos.commands.dlq", b"till-1", b"")
     named = headers_of(headers)
     assert "x-big" not in named and named[dlq.REASON] == "not_json"
     assert named[dlq.ORIGINAL_OFFSET] == "7"
     assert named[dlq.OMITTED].startswith("the value (5000 bytes) and 2 headers")
+
+
+async def test_a_bare_dead_letter_of_an_unkeyed_record_still_has_a_value() -> None:
+    # aiokafka takes no record with neither key nor value.
+    producer = ScriptedProducer(limit={"pos.commands.dlq": 4_000})
+    await pipeline(ScriptedExecutor(), producer).process(FakeRecord(b"x" * 5_000, key=None))
+    [(_, key, value, _)] = producer.sent
+    assert (key, value) == (None, b"")
 
 
 async def test_when_nothing_can_be_sent_the_record_still_ends() -> None:

@@ -29,7 +29,6 @@ from voucher_bridge.once import Answered
 from voucher_bridge.telemetry import context_from, trace_headers
 from voucher_contracts import (
     CommandEnvelope,
-    Outcome,
     ResultEnvelope,
     UnusableRecord,
     decode_command,
@@ -45,12 +44,11 @@ tracer = trace.get_tracer("voucher_bridge")
 class Executor(Protocol):
     """Turns a command into its answer, at most once upstream (see `once.ExactlyOnce`)."""
 
-    @property
-    def money_moving(self) -> frozenset[str]: ...
-
     async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered: ...
 
-    def unrecorded(self, command: CommandEnvelope, exc: BaseException) -> Answered: ...
+    def unrecorded(self, command: CommandEnvelope, why: str) -> Answered:
+        """The answer to a command that could not be recorded (see `once.ExactlyOnce`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,9 @@ class CommandPipeline:
                 answered = await self._executor.execute(command, record.key)
             except Exception as exc:
                 log.exception("executing %s %s failed", command.type, command.id)
-                answered = self._unanswered(command, exc)
+                answered = self._executor.unrecorded(
+                    command, f"processing failed ({type(exc).__name__})"
+                )
             data = answered.data
             span.set_attribute("voucher_bridge.outcome", data.outcome.value)
             if data.reason:
@@ -149,15 +149,6 @@ class CommandPipeline:
                 data.outcome.value,
                 f" ({data.reason})" if data.reason else "",
             )
-
-    def _unanswered(self, command: CommandEnvelope, exc: Exception) -> Answered:
-        """The answer when the executor itself failed: nothing says whether a money-moving
-        call went out, so such a command is `indeterminate`."""
-        answered = self._executor.unrecorded(command, exc)
-        if command.type not in self._executor.money_moving:
-            return answered
-        data = answered.data.model_copy(update={"outcome": Outcome.INDETERMINATE})
-        return Answered(data, answered.result_id)
 
     async def publish_result(
         self, key: bytes | None, command: CommandEnvelope, answered: Answered
@@ -222,7 +213,8 @@ class CommandPipeline:
             omitted = f"the value ({size} bytes) and {count} headers: {exc}"[:1000]
             bare = [*headers[count:], (dlq.OMITTED, omitted.encode())]
             try:
-                await self._producer.send(topic, record.key, None, bare)
+                # An empty value, not none: a record needs a key or a value.
+                await self._producer.send(topic, record.key, b"", bare)
             except RecordRefused:
                 log.error(
                     "%s[%d]@%d: no dead letter could be sent (%s); given up",
