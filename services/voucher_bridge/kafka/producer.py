@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
 
-# What the broker (or aiokafka, before sending) says of the record itself.
+# What the broker (or aiokafka, before sending) says of the record itself, or of where it
+# goes, that no retry changes. `UnknownError` is how aiokafka reports codes it has no class
+# for, INVALID_RECORD (87) among them.
 _REFUSED_FOR_GOOD: tuple[type[Exception], ...] = (
     kafka_errors.MessageSizeTooLargeError,
     kafka_errors.RecordTooLargeError,
@@ -37,7 +39,20 @@ _REFUSED_FOR_GOOD: tuple[type[Exception], ...] = (
     kafka_errors.CorruptRecordException,
     kafka_errors.InvalidTimestampError,
     kafka_errors.UnsupportedForMessageFormatError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.PolicyViolationError,
+    kafka_errors.UnknownError,
 )
+# Not the record's fault but the deployment's: retried (records wait, none is dropped), and
+# logged as errors for someone to act on.
+_MISCONFIGURED: tuple[type[Exception], ...] = (
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.ClusterAuthorizationFailedError,
+    kafka_errors.TransactionalIdAuthorizationFailed,
+)
+# This many failures in a row that are not retriable by aiokafka's own reckoning (its sender
+# died, say, and fails every send with a bare KafkaError): the producer is made anew.
+_RENEW_AFTER = 3
 # Errors after which the producer itself is made anew: its idempotence state is off from the
 # broker's (sequence numbers after a broker lost its producer state, say).
 _PRODUCER_BROKEN: tuple[type[Exception], ...] = (
@@ -45,6 +60,7 @@ _PRODUCER_BROKEN: tuple[type[Exception], ...] = (
     kafka_errors.UnknownProducerId,
     kafka_errors.InvalidProducerEpoch,
     kafka_errors.ProducerFenced,
+    kafka_errors.ProducerClosed,
     kafka_errors.IllegalStateError,
 )
 
@@ -94,6 +110,7 @@ class RecordProducer:
     ) -> None:
         """Send and wait until the broker has the record (acks=all); see the module's note."""
         delay = self._retry_base_s
+        not_retriable = 0
         while True:
             producer = self._producer
             if producer is None:
@@ -105,14 +122,21 @@ class RecordProducer:
                 raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
             except kafka_errors.KafkaError as exc:
                 metrics.publish_retries.add(1, {"topic": topic, "error": type(exc).__name__})
-                log.warning(
+                level = logging.ERROR if isinstance(exc, _MISCONFIGURED) else logging.WARNING
+                log.log(
+                    level,
                     "sending to %s failed (%s: %s); trying again in %.1f s",
                     topic,
                     type(exc).__name__,
                     exc,
                     delay,
                 )
-                if isinstance(exc, _PRODUCER_BROKEN):
+                retriable = getattr(exc, "retriable", False) or isinstance(
+                    exc, kafka_errors.KafkaTimeoutError | _MISCONFIGURED
+                )
+                not_retriable = 0 if retriable else not_retriable + 1
+                if isinstance(exc, _PRODUCER_BROKEN) or not_retriable >= _RENEW_AFTER:
+                    not_retriable = 0
                     await self._renew(producer)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
