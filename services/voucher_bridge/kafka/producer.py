@@ -50,6 +50,8 @@ _MISCONFIGURED: tuple[type[Exception], ...] = (
     kafka_errors.ClusterAuthorizationFailedError,
     kafka_errors.TransactionalIdAuthorizationFailed,
 )
+# What aiokafka does not call retriable but is the broker being away, or the deployment.
+_WAITED_OUT = (kafka_errors.KafkaTimeoutError, *_MISCONFIGURED)
 # This many failures in a row that are not retriable by aiokafka's own reckoning (its sender
 # died, say, and fails every send with a bare KafkaError): the producer is made anew.
 _RENEW_AFTER = 3
@@ -131,9 +133,7 @@ class RecordProducer:
                     exc,
                     delay,
                 )
-                retriable = getattr(exc, "retriable", False) or isinstance(
-                    exc, kafka_errors.KafkaTimeoutError | _MISCONFIGURED
-                )
+                retriable = getattr(exc, "retriable", False) or isinstance(exc, _WAITED_OUT)
                 not_retriable = 0 if retriable else not_retriable + 1
                 if isinstance(exc, _PRODUCER_BROKEN) or not_retriable >= _RENEW_AFTER:
                     not_retriable = 0
