@@ -7,11 +7,12 @@ import base64
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -57,6 +58,9 @@ from voucher_bridge.sandbox.epin import (
 )
 from voucher_bridge.sandbox.faults import ConnectionDropped, FaultConfig
 
+if TYPE_CHECKING:
+    import uvicorn
+
 SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
 
 API_KEY = "sbx-epin-apikey-6d1f0c9a3b7e4a25"
@@ -74,6 +78,11 @@ GENERATE = API + "user/generate/epin/"
 HISTORY = API + "user/epin/history/"
 MAIN_ACTIVE = [1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013]
 
+# A refused access token: the API's envelope by default, SimpleJWT's body with the setting.
+TOKEN_REFUSED = {
+    "status_code": 401,
+    "errors": {"detail": "Given token not valid for any token type"},
+}
 TOKEN_NOT_VALID = {
     "detail": "Given token not valid for any token type",
     "code": "token_not_valid",
@@ -248,7 +257,15 @@ async def test_login_failures(client: httpx.AsyncClient, epin: EpinSandbox) -> N
     assert epin.calls["login"] == 5 and epin.failures["login"] == 5
 
 
-async def test_bearer_missing_invalid_or_wrong_type(client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize(
+    ("shape", "expected"), [(None, TOKEN_REFUSED), ("simplejwt", TOKEN_NOT_VALID)]
+)
+async def test_bearer_missing_invalid_or_wrong_type(
+    client: httpx.AsyncClient, shape: str | None, expected: dict[str, Any]
+) -> None:
+    if shape is not None:
+        r = await client.post("/_sandbox/settings", json={"refused_token_shape": shape})
+        assert r.json()["refused_token_shape"] == shape
     tokens = await login(client)
     for headers in (
         {"apikey": API_KEY},
@@ -258,7 +275,7 @@ async def test_bearer_missing_invalid_or_wrong_type(client: httpx.AsyncClient) -
         {"apikey": API_KEY, "Authorization": f"Bearer {tokens['refresh']}"},
     ):
         r = await client.get(ACTIVE, headers=headers)
-        assert (r.status_code, r.json()) == (401, TOKEN_NOT_VALID)
+        assert (r.status_code, r.json()) == (401, expected)
 
 
 async def test_access_expiry_and_refresh(
@@ -269,7 +286,7 @@ async def test_access_expiry_and_refresh(
     assert (await get(client, ACTIVE, tokens["access"])).status_code == 200
     clock.advance(1)
     r = await get(client, ACTIVE, tokens["access"])
-    assert (r.status_code, r.json()) == (401, TOKEN_NOT_VALID)
+    assert (r.status_code, r.json()) == (401, TOKEN_REFUSED)
 
     refresh_path = API + "user/token/refresh/"
     r = await client.post(
@@ -324,6 +341,85 @@ async def test_user_deactivated_after_login(client: httpx.AsyncClient) -> None:
         API + "user/token/refresh/", data={"refresh": tokens["refresh"]}, headers=auth(None)
     )
     assert r.status_code == 401 and r.json()["code"] == "no_active_account"
+
+
+async def test_refused_token_shape_setting(
+    client: httpx.AsyncClient, clock: FakeClock, epin: EpinSandbox
+) -> None:
+    assert (await client.get("/_sandbox/settings")).json()["refused_token_shape"] == "envelope"
+    r = await client.post("/_sandbox/settings", json={"refused_token_shape": "drf"})
+    assert r.status_code == 422
+    tokens = await login(client)
+    clock.advance(300)
+    await client.post("/_sandbox/settings", json={"refused_token_shape": "simplejwt"})
+    r = await get(client, ACTIVE, tokens["access"])
+    assert (r.status_code, r.json()) == (401, TOKEN_NOT_VALID)
+    # The refresh endpoint's own refusal is SimpleJWT's whatever the setting.
+    bad = {"detail": "Token is invalid or expired", "code": "token_not_valid"}
+    for shape in ("envelope", "simplejwt"):
+        await client.post("/_sandbox/settings", json={"refused_token_shape": shape})
+        r = await client.post(
+            API + "user/token/refresh/", data={"refresh": "x"}, headers=auth(None)
+        )
+        assert (r.status_code, r.json()) == (401, bad)
+    await client.post("/_sandbox/settings", json={"refused_token_shape": "simplejwt"})
+    await client.post("/_sandbox/reset")
+    assert epin.settings.refused_token_shape == "envelope"
+
+
+async def test_revoke_tokens_before_their_expiry(
+    client: httpx.AsyncClient, clock: FakeClock, epin: EpinSandbox
+) -> None:
+    first, second = await login(client), await login(client)
+    lim = await login(client, LIM, LIM_PW)
+    refresh_path = API + "user/token/refresh/"
+
+    r = await client.post("/_sandbox/revoke", json={"username": MAIN, "kind": "access"})
+    assert r.json() == {"revoked": 2}
+    for tokens in (first, second):
+        r = await get(client, ACTIVE, tokens["access"])
+        assert (r.status_code, r.json()) == (401, TOKEN_REFUSED)
+    assert (await get(client, ACTIVE, lim["access"])).status_code == 200  # another user's
+    # The refresh tokens still work, and what is issued after the revocation is valid.
+    r = await client.post(refresh_path, data={"refresh": first["refresh"]}, headers=auth(None))
+    assert (await get(client, ACTIVE, r.json()["access"])).status_code == 200
+    state = (await client.get("/_sandbox/state", params={"coupons": "0"})).json()
+    assert state["totals"]["live_access_tokens"] == 2  # lim's and the refreshed one
+
+    r = await client.post("/_sandbox/revoke", json={"username": MAIN, "kind": "refresh"})
+    assert r.json() == {"revoked": 2}
+    blacklisted = {"detail": "Token is blacklisted", "code": "token_not_valid"}
+    r = await client.post(refresh_path, data={"refresh": second["refresh"]}, headers=auth(None))
+    assert (r.status_code, r.json()) == (401, blacklisted)
+    assert epin.refresh_failures == 1
+
+    # "all" is the default; tokens revoked or expired already are not counted again.
+    third = await login(client)
+    clock.advance(300)  # every access token expires; third's refresh does not
+    r = await client.post("/_sandbox/revoke", json={"username": MAIN})
+    assert r.json() == {"revoked": 1}  # third's refresh
+    r = await client.post(refresh_path, data={"refresh": third["refresh"]}, headers=auth(None))
+    assert (r.status_code, r.json()) == (401, blacklisted)
+    assert (await client.post("/_sandbox/revoke", json={"username": MAIN})).json() == {"revoked": 0}
+    assert (await login(client))["access"]  # a new login is not affected
+
+    r = await client.post("/_sandbox/revoke", json={"username": "nobody"})
+    assert (r.status_code, r.json()) == (404, {"error": "unknown user: nobody"})
+    r = await client.post("/_sandbox/revoke", json={"username": MAIN, "kind": "id"})
+    assert r.status_code == 422
+    r = await client.post("/_sandbox/revoke", json={})
+    assert r.status_code == 422
+    r = await client.post("/_sandbox/revoke", content=b"[]")
+    assert r.status_code == 400
+
+
+async def test_revoked_access_token_in_simplejwt_shape(client: httpx.AsyncClient) -> None:
+    await client.post("/_sandbox/settings", json={"refused_token_shape": "simplejwt"})
+    tokens = await login(client)
+    await client.post("/_sandbox/revoke", json={"username": MAIN, "kind": "all"})
+    r = await post(client, TRANSFER, {"user": NIC, "epin": "1001"}, tokens["access"])
+    assert (r.status_code, r.json()) == (401, TOKEN_NOT_VALID)
+    assert 1001 in await active_ids(client, (await login(client))["access"])  # not applied
 
 
 # --- active coupons and pagination -------------------------------------------------------------
@@ -1008,6 +1104,24 @@ async def test_drop_after_apply_in_process(
     assert coupon is not None and coupon.owner == NIC and coupon.transfers == 1  # applied
 
 
+async def test_apply_late_in_process(
+    client: httpx.AsyncClient, access: str, epin: EpinSandbox
+) -> None:
+    await client.post(
+        "/_sandbox/faults",
+        json={"apply_late_rate": 1.0, "apply_delay_s": 0.2, "routes": ["transfer"]},
+    )
+    start = time.perf_counter()
+    with pytest.raises(ConnectionDropped):
+        await post(client, TRANSFER, {"user": NIC, "epin": "1001"}, access)
+    assert time.perf_counter() - start >= 0.2
+    coupon = epin.coupon(1001)
+    assert coupon is not None and coupon.owner == NIC and coupon.transfers == 1  # applied
+    assert epin.call_log(MAIN)[-1]["route"] == TRANSFER  # logged, as it was applied
+    state = (await client.get("/_sandbox/state", params={"coupons": "0"})).json()
+    assert state["faults"]["injected"]["apply_late"] == 1
+
+
 # --- admin -------------------------------------------------------------------------------------
 
 
@@ -1054,6 +1168,72 @@ async def test_admin_users_settings_state_and_reset(
     assert epin.calls["login"] == 0
 
 
+async def test_call_log_per_user(
+    client: httpx.AsyncClient, clock: FakeClock, epin: EpinSandbox
+) -> None:
+    tokens = await login(client)
+    clock.advance(1)
+    await get(client, ACTIVE, tokens["access"], wallet="wallet2")
+    lim = (await login(client, LIM, LIM_PW))["access"]
+    await post(client, TRANSFER, {"user": NIC, "epin": "1001"}, tokens["access"])
+    await delete(client, tokens["access"], epin="1002")
+    await client.post("/_sandbox/revoke", json={"username": MAIN, "kind": "access"})
+    r = await post(client, SHARE, SHARE_OK, tokens["access"])  # refused: the token is revoked
+    assert r.status_code == 401
+    await client.post(
+        API + "user/token/refresh/", data={"refresh": tokens["refresh"]}, headers=auth(None)
+    )
+    # Not logged: no user named, or a 503 (nothing applied).
+    await login_r(client, "nobody", "x")
+    await client.get(ACTIVE, headers=auth("not-a-token"))
+    await client.post("/_sandbox/faults", json={"error_rate": 1.0})
+    assert (await get(client, ACTIVE, lim)).status_code == 503
+    await client.post("/_sandbox/faults", json={"error_rate": 0})
+
+    r = await client.get("/_sandbox/calls", params={"user": MAIN})
+    calls = r.json()["calls"]
+    assert [(c["method"], c["route"], c["status"]) for c in calls] == [
+        ("POST", API + "user/login/", 200),
+        ("GET", ACTIVE, 200),
+        ("POST", TRANSFER, 200),
+        ("DELETE", DELETE, 200),
+        ("POST", SHARE, 401),
+        ("POST", API + "user/token/refresh/", 200),
+    ]
+    assert calls[0]["form"] == {"username": MAIN, "password": "***"}  # never the password
+    assert calls[0]["at"] == calls[1]["at"] - 1 == clock() - 1
+    assert calls[1]["query"] == {"wallet": "wallet2"} and calls[1]["form"] == {}
+    assert calls[2]["form"] == {"user": NIC, "epin": "1001"} and calls[2]["query"] == {}
+    assert calls[3]["query"] == {"epin": "1002"}
+    assert calls[4]["form"] == SHARE_OK
+    assert calls[5]["form"] == {"refresh": tokens["refresh"]}
+    seqs = [c["seq"] for c in calls]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # Each user has their own log; the transfer's receiver did not call.
+    lim_calls = epin.call_log(LIM)
+    assert [c["route"] for c in lim_calls] == [API + "user/login/"]
+    assert seqs[1] < lim_calls[0]["seq"] < seqs[2]  # one sequence over all users
+    assert (await client.get("/_sandbox/calls", params={"user": NIC})).json() == {"calls": []}
+
+    r = await client.get("/_sandbox/calls", params={"user": "nobody"})
+    assert r.status_code == 404
+    assert (await client.get("/_sandbox/calls")).status_code == 400
+    await client.post("/_sandbox/reset")
+    assert (await client.get("/_sandbox/calls", params={"user": MAIN})).json() == {"calls": []}
+    await login(client)
+    assert epin.call_log(MAIN)[0]["seq"] > seqs[-1]  # a seq is never handed out again
+
+
+def test_call_log_is_bounded_per_user() -> None:
+    seed = EpinSeed(api_key="k", users=[UserSeed(username="a", password="p", mail_token="t")])
+    epin = EpinSandbox(seed, max_logged_calls=2)
+    for _ in range(3):
+        epin.dispatch("login", apikey="k", fields={"username": "a", "password": "p"})
+    logged = epin.call_log("a")
+    assert [c["seq"] for c in logged] == [2, 3]
+    assert logged[0]["route"] == "login" and logged[0]["method"] == ""  # no HTTP: the route name
+
+
 def test_state_machine_without_http(clock: FakeClock) -> None:
     seed = EpinSeed(
         api_key="k",
@@ -1092,7 +1272,7 @@ def test_state_machine_without_http(clock: FakeClock) -> None:
     assert status == 200
     clock.advance(10)
     status, body = epin.dispatch("history", apikey="k", authorization=bearer)
-    assert status == 401 and body["code"] == "token_not_valid"
+    assert (status, body) == (401, TOKEN_REFUSED)
     assert epin.calls["create"] == 1 and epin.failures["history"] == 1
 
 
@@ -1139,6 +1319,58 @@ async def test_drop_after_apply_over_a_real_socket(caplog: pytest.LogCaptureFixt
             assert data(await post(client, SHARE, SHARE_OK, access))["balance"] == "30.00"
             state = (await client.get("/_sandbox/state", params={"coupons": "1001"})).json()
             assert state["coupons"][0]["shares"] == 2
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
+
+
+async def serving_port(server: uvicorn.Server) -> int:
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    assert server.started
+    port: int = server.servers[0].sockets[0].getsockname()[1]
+    return port
+
+
+async def test_apply_late_over_a_real_socket(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    delay = 1.0
+    faults = FaultConfig(apply_late_rate=1.0, apply_delay_s=delay, routes=["transfer"])
+    server = build_epin_server("127.0.0.1", 0, SEED_PATH, faults)
+    task = asyncio.create_task(server.serve())
+    try:
+        base = f"http://127.0.0.1:{await serving_port(server)}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            access = (await login(client))["access"]
+            connections = len(server.server_state.connections)
+            start = time.monotonic()
+            # A client whose read timeout is shorter than the delay gives up first.
+            timeout = httpx.Timeout(5, read=0.2)
+            async with httpx.AsyncClient(base_url=base, timeout=timeout) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await post(impatient, TRANSFER, {"user": NIC, "epin": "1001"}, access)
+            # uvicorn has seen that client go away, and the transfer is not applied yet.
+            while len(server.server_state.connections) > connections:
+                assert time.monotonic() - start < delay
+                await asyncio.sleep(0.01)
+            state = (await client.get("/_sandbox/state", params={"coupons": "1001"})).json()
+            assert state["coupons"][0]["owner"] == MAIN
+            # After the delay the held call is applied all the same: the coupon moved.
+            while state["coupons"][0]["owner"] == MAIN and time.monotonic() - start < 5:
+                await asyncio.sleep(0.02)
+                state = (await client.get("/_sandbox/state", params={"coupons": "1001"})).json()
+            assert time.monotonic() - start >= delay
+            assert state["coupons"][0]["owner"] == NIC
+            assert state["coupons"][0]["transfers"] == 1
+            assert state["faults"]["injected"]["apply_late"] == 1
+            calls = (await client.get("/_sandbox/calls", params={"user": MAIN})).json()["calls"]
+            assert [(c["route"], c["status"]) for c in calls] == [
+                (API + "user/login/", 200),
+                (TRANSFER, 200),
+            ]
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)

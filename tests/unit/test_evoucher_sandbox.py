@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from starlette.applications import Starlette
 
 from tests.support.clock import FakeClock
@@ -37,6 +38,9 @@ from voucher_bridge.sandbox.faults import (
     FaultKind,
 )
 from voucher_bridge.sandbox.server import build_evoucher_server
+
+if TYPE_CHECKING:
+    import uvicorn
 
 SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "evoucher-seed.json"
 
@@ -622,11 +626,33 @@ async def test_fault_config_validation(client: httpx.AsyncClient) -> None:
     assert r.status_code == 422
     r = await client.post("/_sandbox/faults", json={"no_such_field": 1})
     assert r.status_code == 422
+    for bad in (
+        {"apply_late_rate": 1.5},
+        {"apply_late_rate": -0.1},
+        {"apply_delay_s": -1},
+        {"apply_late_rate": 0.5, "timeout_rate": 0.3, "error_rate": 0.3},
+    ):
+        r = await client.post("/_sandbox/faults", json=bad)
+        assert r.status_code == 422, bad
     assert (await client.get("/_sandbox/faults")).json()["config"] == FaultConfig().model_dump()
+    r = await client.post("/_sandbox/faults", json={"apply_late_rate": 0.4, "apply_delay_s": 0})
+    assert r.json()["config"]["apply_late_rate"] == 0.4
+    assert r.json()["config"]["apply_delay_s"] == 0
+
+
+def test_fault_config_rates_share_the_unit_interval() -> None:
+    assert FaultConfig().apply_delay_s == 5.0 and FaultConfig().apply_late_rate == 0
+    FaultConfig(error_rate=0.1, timeout_rate=0.2, drop_after_apply_rate=0.3, apply_late_rate=0.4)
+    with pytest.raises(ValidationError, match="apply_late_rate must be <= 1"):
+        FaultConfig(drop_after_apply_rate=0.5, apply_late_rate=0.6)
+    with pytest.raises(ValidationError):
+        FaultConfig(apply_late_rate=1.01)
 
 
 def test_fault_draws_are_seedable_and_proportional() -> None:
-    config = FaultConfig(error_rate=0.2, timeout_rate=0.1, drop_after_apply_rate=0.3, seed=7)
+    config = FaultConfig(
+        error_rate=0.2, timeout_rate=0.1, drop_after_apply_rate=0.3, apply_late_rate=0.25, seed=7
+    )
     a, b = FaultInjector(config), FaultInjector(config)
     draws = [a.draw("scan_voucher_api") for _ in range(10_000)]
     assert draws == [b.draw("scan_voucher_api") for _ in range(10_000)]
@@ -634,11 +660,108 @@ def test_fault_draws_are_seedable_and_proportional() -> None:
     assert abs(share[FaultKind.ERROR] - 0.2) < 0.02
     assert abs(share[FaultKind.TIMEOUT] - 0.1) < 0.02
     assert abs(share[FaultKind.DROP_AFTER_APPLY] - 0.3) < 0.02
+    assert abs(share[FaultKind.APPLY_LATE] - 0.25) < 0.02
     assert a.injected["error"] == draws.count(FaultKind.ERROR)
+    assert a.injected["apply_late"] == draws.count(FaultKind.APPLY_LATE)
     assert FaultInjector().draw("scan_voucher_api") is FaultKind.NONE
+    # Apply-late takes the slice after the others: the same seed without it draws the same
+    # faults, and apply-late only where the draw found none.
+    without = FaultInjector(config.model_copy(update={"apply_late_rate": 0.0}))
+    for kind, other in zip(draws, (without.draw("scan_voucher_api") for _ in draws), strict=True):
+        assert other is (FaultKind.NONE if kind is FaultKind.APPLY_LATE else kind)
+
+
+def test_apply_late_alone_and_routes() -> None:
+    injector = FaultInjector(FaultConfig(apply_delay_s=1.0))
+    assert injector.draw("redeem_voucher_api") is FaultKind.NONE  # a delay alone is no fault
+    injector.update({"apply_late_rate": 1.0, "routes": ["redeem_voucher_api"]})
+    assert injector.draw("redeem_voucher_api") is FaultKind.APPLY_LATE
+    assert injector.draw("scan_voucher_api") is FaultKind.NONE
+    assert injector.snapshot()["injected"] == {
+        "error": 0,
+        "timeout": 0,
+        "drop_after_apply": 0,
+        "apply_late": 1,
+    }
+
+
+async def test_apply_late_holds_then_applies_in_process(
+    client: httpx.AsyncClient, evoucher: EvoucherSandbox
+) -> None:
+    await bill(client, 50)
+    await scan(client, V50)
+    faults = {"apply_late_rate": 1.0, "apply_delay_s": 0.2, "routes": ["redeem_voucher_api"]}
+    await client.post("/_sandbox/faults", json=faults)
+    start = time.perf_counter()
+    with pytest.raises(ConnectionDropped):  # no uvicorn transport to close in-process
+        await call(client, "redeem_voucher_api", {"voucher_codes": V50})
+    assert time.perf_counter() - start >= 0.2
+    voucher = evoucher.voucher(V50)
+    assert voucher is not None and voucher.redeemed and voucher.redeem_count == 1
+    assert evoucher.call_log(MACHINES[TILL1])[-1]["route"] == "redeem_voucher_api"
 
 
 # --- admin -------------------------------------------------------------------------------------
+
+
+async def test_call_log_per_terminal(
+    client: httpx.AsyncClient, evoucher: EvoucherSandbox, clock: FakeClock
+) -> None:
+    await bill(client, 70)
+    clock.advance(2)
+    await bill(client, 20, TILL2)
+    await scan(client, V50)
+    await scan(client, "99999999")  # a failure is a call too
+    await call(client, "cancel_payment_api", None)  # empty body: {}
+    # Not logged: a refused token, an unknown route, a body that is not an object, a 503.
+    await call(client, "scan_voucher_api", {"voucher_code": V20}, "not-a-token")
+    await call(client, "login_api", {})
+    await client.post(
+        "/index.php?route=account/scan_voucher_api", content=b"[1]", headers={"X-Token": TILL1}
+    )
+    await client.post("/_sandbox/faults", json={"error_rate": 1.0})
+    assert (await call(client, "scan_voucher_api", {"voucher_code": V20})).status_code == 503
+    # Logged: a call whose answer is lost was applied.
+    await client.post("/_sandbox/faults", json={"error_rate": 0, "drop_after_apply_rate": 1.0})
+    with pytest.raises(ConnectionDropped):
+        await call(client, "scan_voucher_api", {"voucher_code": V10})
+    await client.post("/_sandbox/faults", json={"drop_after_apply_rate": 0})
+
+    r = await client.get("/_sandbox/calls", params={"terminal": MACHINES[TILL1]})
+    calls = r.json()["calls"]
+    assert [(c["route"], c["body"]) for c in calls] == [
+        ("bill_total_api", {"bill_total": 70, "machine_name": MACHINES[TILL1]}),
+        ("scan_voucher_api", {"voucher_code": V50}),
+        ("scan_voucher_api", {"voucher_code": "99999999"}),
+        ("cancel_payment_api", {}),
+        ("scan_voucher_api", {"voucher_code": V10}),
+    ]
+    assert [c["at"] for c in calls] == [clock() - 2] + [clock()] * 4
+    till2 = evoucher.call_log(MACHINES[TILL2])
+    assert [c["route"] for c in till2] == ["bill_total_api"]
+    seqs = [c["seq"] for c in calls]
+    assert seqs == sorted(seqs) and seqs[0] < till2[0]["seq"] < seqs[1]  # one global sequence
+
+    r = await client.get("/_sandbox/calls", params={"terminal": MACHINES[NICOSIA]})
+    assert r.json() == {"calls": []}  # a known terminal that did not call
+    r = await client.get("/_sandbox/calls", params={"terminal": "no-such-till"})
+    assert r.status_code == 404
+    assert (await client.get("/_sandbox/calls")).status_code == 400
+    await client.post("/_sandbox/reset")
+    r = await client.get("/_sandbox/calls", params={"terminal": MACHINES[TILL1]})
+    assert r.json() == {"calls": []}
+    await bill(client, 5)
+    assert evoucher.call_log(MACHINES[TILL1])[0]["seq"] > seqs[-1]  # never handed out again
+
+
+def test_call_log_is_bounded_per_terminal() -> None:
+    seed = EvoucherSeed(terminals=[TerminalSeed(token="t", machine_name="m", store="s")])
+    evoucher = EvoucherSandbox(seed, max_logged_calls=2)
+    terminal = evoucher.terminal("t")
+    assert terminal is not None
+    for code in ("a", "b", "c"):
+        evoucher.handle("scan_voucher_api", terminal, {"voucher_code": code})
+    assert [c["body"]["voucher_code"] for c in evoucher.call_log("m")] == ["b", "c"]
 
 
 async def test_admin_add_terminal_and_vouchers_then_reset(
@@ -805,3 +928,58 @@ def test_seed_file_is_valid_json() -> None:
     codes = [v["code"] for v in seed["vouchers"]]
     assert len(codes) == len(set(codes))
     assert {t["machine_name"] for t in seed["terminals"]} >= set(MACHINES.values())
+
+
+async def serving_port(server: uvicorn.Server) -> int:
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    assert server.started
+    port: int = server.servers[0].sockets[0].getsockname()[1]
+    return port
+
+
+async def test_apply_late_over_a_real_socket(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    delay = 1.0
+    faults = FaultConfig(apply_late_rate=1.0, apply_delay_s=delay, routes=["redeem_voucher_api"])
+    server = build_evoucher_server("127.0.0.1", 0, SEED_PATH, faults)
+    task = asyncio.create_task(server.serve())
+    try:
+        base = f"http://127.0.0.1:{await serving_port(server)}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            await bill(client, 50)
+            assert (await scan(client, V50))["price"] == "50.00"
+            connections = len(server.server_state.connections)
+            start = time.monotonic()
+            # A client whose read timeout is shorter than the delay gives up first. (The lock
+            # belongs to the machine, so this client needs no session cookie to redeem.)
+            timeout = httpx.Timeout(5, read=0.2)
+            async with httpx.AsyncClient(base_url=base, timeout=timeout) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await call(impatient, "redeem_voucher_api", {"voucher_codes": V50})
+            # uvicorn has seen that client go away, and the redeem is not applied yet.
+            while len(server.server_state.connections) > connections:
+                assert time.monotonic() - start < delay
+                await asyncio.sleep(0.01)
+            state = (await client.get("/_sandbox/state", params={"codes": V50})).json()
+            assert state["vouchers"][0]["redeemed"] is False
+            # After the delay the held call is applied all the same: the voucher is redeemed.
+            while not state["vouchers"][0]["redeemed"] and time.monotonic() - start < 5:
+                await asyncio.sleep(0.02)
+                state = (await client.get("/_sandbox/state", params={"codes": V50})).json()
+            assert time.monotonic() - start >= delay
+            assert state["vouchers"][0]["redeemed"] is True
+            assert state["vouchers"][0]["redeem_count"] == 1
+            assert state["faults"]["injected"]["apply_late"] == 1
+            r = await client.get("/_sandbox/calls", params={"terminal": MACHINES[TILL1]})
+            assert [c["route"] for c in r.json()["calls"]] == [
+                "bill_total_api",
+                "scan_voucher_api",
+                "redeem_voucher_api",
+            ]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text

@@ -19,9 +19,13 @@ NOT IN THE VENDOR'S FILES (the project's wire decisions, implemented exactly):
   * base path `/api/v1/` (configurable), refresh path `user/token/refresh/` (configurable);
   * 403 `{"status_code": 403, "errors": {"detail": "Invalid API key."}, "data": {}}` for a
     missing or wrong `apikey` (checked first, on every endpoint, login included);
-  * the exact 401 bodies of login, refresh (SimpleJWT `token_not_valid`) and of a missing,
-    invalid or expired access token (SimpleJWT's `messages` list); the TTLs (access 300 s,
-    refresh 1 day, both configurable);
+  * the exact 401 bodies of login and refresh (SimpleJWT `token_not_valid`); the TTLs (access
+    300 s, refresh 1 day, both configurable);
+  * the body of a refused access token (missing, unknown, expired or revoked): the vendor does
+    not document it. By default the API's own envelope, `{"status_code": 401, "errors":
+    {"detail": "Given token not valid for any token type"}}` (no `code` member); with the
+    setting `refused_token_shape` "simplejwt", SimpleJWT's body (`"code": "token_not_valid"`
+    and its `messages` list). A client must recognise both;
   * the envelope of a validation error (`"message": "Validation Error"`, per-field lists);
   * the shape of every success `data` except the active-coupon list: transfer, share, delete,
     refund status, wallet list, create and history;
@@ -36,8 +40,11 @@ SANDBOX CHOICES (where neither the files nor the project say; search "sandbox ch
   * a disabled facility (global switch, or the user's) answers the 401 "Request Failed" body on
     every coupon endpoint, not only on the two generate endpoints; login and refresh still work;
   * the access-token JWT is HS256-signed with a per-run secret, but it is checked against the
-    sandbox's token table (so `POST /_sandbox/expire-tokens` can expire it early); its `exp`
-    claim is informative only. Refresh does not rotate the refresh token (SimpleJWT default);
+    sandbox's token table (so `POST /_sandbox/expire-tokens` can expire it early and `POST
+    /_sandbox/revoke` revoke a user's tokens before their `exp`); its `exp` claim is
+    informative only. Refresh does not rotate the refresh token (SimpleJWT default). A revoked
+    refresh token that has not expired answers SimpleJWT's blacklist refusal `{"detail":
+    "Token is blacklisted", "code": "token_not_valid"}` (401);
   * an access token of a user made inactive since login answers SimpleJWT's
     `{"detail": "User is inactive", "code": "user_inactive"}` (401); a refresh of such a user
     `{"detail": "No active account found for the given credentials", "code":
@@ -80,6 +87,15 @@ SANDBOX CHOICES (where neither the files nor the project say; search "sandbox ch
     for the receiver);
   * pins of created coupons: 12 characters of A-Z/2-9 without I, O, 0, 1, unique.
 
+Every call that names a known user is logged per user, whatever its answer, so that tests can
+check the order of a client's calls (log in, refresh, the call refused for its token, the
+resend): login by its `username` (the password is logged as "***": a client pointed here by
+mistake may send a real one), refresh by the user of the refresh token, every other call by
+the user of the bearer token (accepted or refused), as long as the sandbox issued that token.
+An entry is `{"seq", "at", "route" (the request's path), "method", "form", "query", "status"}`,
+`seq` increasing over all users and never reused, `at` the sandbox clock. Calls faulted with
+503/504 are not logged (nothing was applied); drop-after-apply and apply-late ones are.
+
 Everything is in memory and single-threaded (one asyncio loop, synchronous handlers), so each
 call is atomic. Money is `Decimal` throughout, strings with two decimals on the wire.
 """
@@ -87,23 +103,26 @@ call is atomic. Money is `Decimal` throughout, strings with two decimals on the 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from email.message import Message
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -122,6 +141,7 @@ from voucher_bridge.sandbox.faults import (
     json_object,
     sandbox_server,
     settings_route,
+    validation_errors,
 )
 
 if TYPE_CHECKING:
@@ -208,8 +228,18 @@ TOKEN_NOT_VALID_REFRESH: dict[str, Any] = {
     "detail": "Token is invalid or expired",
     "code": "token_not_valid",
 }
+TOKEN_BLACKLISTED_REFRESH: dict[str, Any] = {
+    "detail": "Token is blacklisted",
+    "code": "token_not_valid",
+}
+MSG_TOKEN_NOT_VALID = "Given token not valid for any token type"
+# A refused access token, in the API's own envelope (the default) and in SimpleJWT's shape.
+TOKEN_NOT_VALID_ENVELOPE: dict[str, Any] = {
+    "status_code": 401,
+    "errors": {"detail": MSG_TOKEN_NOT_VALID},
+}
 TOKEN_NOT_VALID_ACCESS: dict[str, Any] = {
-    "detail": "Given token not valid for any token type",
+    "detail": MSG_TOKEN_NOT_VALID,
     "code": "token_not_valid",
     "messages": [
         {
@@ -240,6 +270,8 @@ _EMAIL = re.compile(
 )
 
 Result = tuple[int, dict[str, Any]]
+RefusedTokenShape = Literal["envelope", "simplejwt"]
+TokenKind = Literal["access", "refresh", "all"]
 
 
 def token_checksum(token: str) -> str:
@@ -333,6 +365,15 @@ class SettingsUpdate(BaseModel):
     max_active_coupons: int | None = Field(default=None, ge=0)
     min_amount: Decimal | None = Field(default=None, ge=0)
     max_amount: Decimal | None = Field(default=None, ge=0)
+    refused_token_shape: RefusedTokenShape | None = None
+
+
+class RevokeRequest(BaseModel):
+    """`POST /_sandbox/revoke`: which user's tokens, of which kind."""
+
+    model_config = ConfigDict(extra="forbid")
+    username: str
+    kind: TokenKind = "all"
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -348,6 +389,7 @@ class Settings:
     max_active_coupons: int
     min_amount: Decimal
     max_amount: Decimal
+    refused_token_shape: RefusedTokenShape = "envelope"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -359,6 +401,7 @@ class Settings:
             "max_active_coupons": self.max_active_coupons,
             "min_amount": _money(self.min_amount),
             "max_amount": _money(self.max_amount),
+            "refused_token_shape": self.refused_token_shape,
         }
 
 
@@ -411,6 +454,7 @@ class Token:
     kind: str  # "access" | "refresh"
     username: str
     expires_at: float
+    revoked: bool = False
 
 
 @dataclass(slots=True)
@@ -524,10 +568,13 @@ class EpinSandbox:
         access_ttl_s: float | None = None,
         refresh_ttl_s: float | None = None,
         max_tokens: int = 100_000,
+        max_logged_calls: int = 1_000,
     ) -> None:
         self.seed = seed or EpinSeed()
         self.clock = clock  # seconds since the epoch
         self.max_tokens = max_tokens
+        self.max_logged_calls = max_logged_calls  # per user, so a long benchmark stays bounded
+        self._call_seq = itertools.count(1)  # not reset: a seq is never handed out twice
         s = self.seed
         # What `reset` goes back to: the seed's settings, with the constructor's overrides.
         self._initial = Settings(
@@ -549,7 +596,8 @@ class EpinSandbox:
     # --- setup ----------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Back to the seed: users, wallets, coupons, settings; no tokens, keys, history, counts."""
+        """Back to the seed: users, wallets, coupons, settings; no tokens, keys, history, counts,
+        call log."""
         i = self._initial
         self.settings = Settings(
             i.access_ttl_s,
@@ -560,6 +608,7 @@ class EpinSandbox:
             i.max_active_coupons,
             i.min_amount,
             i.max_amount,
+            i.refused_token_shape,
         )
         self.api_key = self.seed.api_key
         self.currency = self.seed.currency
@@ -579,6 +628,7 @@ class EpinSandbox:
         self.login_failures = 0
         self.refreshes = 0
         self.refresh_failures = 0
+        self._call_log: dict[str, deque[dict[str, Any]]] = {}  # username -> oldest first
         self.add_users(self.seed.users)
 
     def add_users(self, users: Iterable[UserSeed]) -> int:
@@ -679,6 +729,8 @@ class EpinSandbox:
             s.min_amount = update.min_amount
         if update.max_amount is not None:
             s.max_amount = update.max_amount
+        if update.refused_token_shape is not None:
+            s.refused_token_shape = update.refused_token_shape
 
     def expire_tokens(self, refresh: bool = False) -> int:
         """Expire every access token now (and every refresh token with `refresh`)."""
@@ -687,8 +739,27 @@ class EpinSandbox:
         for token in self._tokens.values():
             if (token.kind == "access" or refresh) and token.expires_at > now:
                 token.expires_at = now
-                count += 1
+                count += not token.revoked
         return count
+
+    def revoke_tokens(self, username: str, kind: TokenKind = "all") -> int:
+        """Revoke the user's tokens of `kind` issued so far; the count of those still valid.
+
+        Raises KeyError for a user that does not exist. Tokens issued later are not affected.
+        """
+        if username not in self._users:
+            raise KeyError(username)
+        now = self.clock()
+        count = 0
+        for token in self._tokens.values():
+            if token.username == username and kind in ("all", token.kind) and not token.revoked:
+                token.revoked = True
+                count += token.expires_at > now
+        return count
+
+    def call_log(self, username: str) -> list[dict[str, Any]]:
+        """The calls that named this user since the reset, oldest first."""
+        return list(self._call_log.get(username, ()))
 
     # --- lookups --------------------------------------------------------------------------
 
@@ -720,19 +791,55 @@ class EpinSandbox:
         query: Mapping[str, str] | None = None,
         url: str = "",
         body_error: str | None = None,
+        method: str = "",
+        path: str = "",
     ) -> Result:
-        """One call of route `route` with its headers, body fields and query; counted.
+        """One call of route `route` with its headers, body fields and query; counted, logged.
 
         `url` is the request's absolute URL (for `next`/`previous`); `body_error` says the body
-        could not be parsed (answered after the api-key and token checks).
+        could not be parsed (answered after the api-key and token checks). `method` and `path`
+        are what the call log records (the route name stands in for an empty `path`).
         """
-        status, body = self._dispatch(
-            route, apikey, authorization, fields or {}, query or {}, url, body_error
-        )
+        fields = fields or {}
+        query = query or {}
+        caller = self._caller(route, authorization, fields)
+        status, body = self._dispatch(route, apikey, authorization, fields, query, url, body_error)
         self.calls[route] += 1
         if status >= 400:
             self.failures[route] += 1
+        if caller is not None:
+            form = dict(fields)
+            if route == LOGIN and "password" in form:
+                form["password"] = "***"
+            log = self._call_log.get(caller)
+            if log is None:
+                log = self._call_log[caller] = deque(maxlen=self.max_logged_calls)
+            log.append(
+                {
+                    "seq": next(self._call_seq),
+                    "at": self.clock(),
+                    "route": path or route,
+                    "method": method,
+                    "form": form,
+                    "query": dict(query),
+                    "status": status,
+                }
+            )
         return status, body
+
+    def _caller(
+        self, route: str, authorization: str | None, fields: Mapping[str, str]
+    ) -> str | None:
+        """The known user a call names (see the module docstring), or None."""
+        if route == LOGIN:
+            name = (fields.get("username") or "").strip()
+            return name if name in self._users else None
+        if route == REFRESH:
+            token = self._tokens.get((fields.get("refresh") or "").strip())
+        else:
+            parts = (authorization or "").split()
+            token = self._tokens.get(parts[1]) if len(parts) == 2 else None
+        return token.username if token is not None and token.username in self._users else None
 
     def _dispatch(
         self,
@@ -805,6 +912,10 @@ class EpinSandbox:
         if token is None or token.kind != "refresh" or token.expires_at <= self.clock():
             self.refresh_failures += 1
             return 401, dict(TOKEN_NOT_VALID_REFRESH)
+        if token.revoked:
+            # SimpleJWT checks the expiry first, then its blacklist.
+            self.refresh_failures += 1
+            return 401, dict(TOKEN_BLACKLISTED_REFRESH)
         user = self._users.get(token.username)
         if user is None or not user.active:
             self.refresh_failures += 1
@@ -816,16 +927,26 @@ class EpinSandbox:
         """The user of `Authorization: Bearer <access>`, or the 401 answer."""
         parts = (authorization or "").split()
         if len(parts) != 2 or parts[0] != "Bearer":
-            return 401, dict(TOKEN_NOT_VALID_ACCESS)
+            return self._refused_token()
         token = self._tokens.get(parts[1])
-        if token is None or token.kind != "access" or token.expires_at <= self.clock():
-            return 401, dict(TOKEN_NOT_VALID_ACCESS)
+        if (
+            token is None
+            or token.kind != "access"
+            or token.revoked
+            or token.expires_at <= self.clock()
+        ):
+            return self._refused_token()
         user = self._users.get(token.username)
         if user is None:
-            return 401, dict(TOKEN_NOT_VALID_ACCESS)
+            return self._refused_token()
         if not user.active:
             return 401, dict(USER_INACTIVE)
         return user
+
+    def _refused_token(self) -> Result:
+        if self.settings.refused_token_shape == "simplejwt":
+            return 401, copy.deepcopy(TOKEN_NOT_VALID_ACCESS)
+        return 401, copy.deepcopy(TOKEN_NOT_VALID_ENVELOPE)
 
     def _issue(self, user: User, kind: str) -> str:
         """A new token: a JWT-looking string (HS256 over a per-run secret), kept in a table."""
@@ -1363,7 +1484,9 @@ class EpinSandbox:
                 "form_keys": len(self._form_keys),
                 "form_key_reuses": sum(max(0, k.uses - 1) for k in self._form_keys.values()),
                 "live_access_tokens": sum(
-                    1 for t in self._tokens.values() if t.kind == "access" and t.expires_at > now
+                    1
+                    for t in self._tokens.values()
+                    if t.kind == "access" and not t.revoked and t.expires_at > now
                 ),
                 "wallet_balance": _money(wallet_total),
                 "coupon_balance": _money(coupon_total),
@@ -1500,7 +1623,9 @@ def create_app(
     coupons, `?coupons=0` leaves them out); GET|POST /_sandbox/faults (POST merges fields into
     the fault config); POST /_sandbox/reset; POST /_sandbox/users (a list, or {"users": [...]},
     added or replaced by username); GET|POST /_sandbox/settings (`SettingsUpdate`); POST
-    /_sandbox/expire-tokens (`{"refresh": true}` expires refresh tokens too).
+    /_sandbox/expire-tokens (`{"refresh": true}` expires refresh tokens too); POST
+    /_sandbox/revoke (`{"username", "kind": "access" | "refresh" | "all"}`, revokes that user's
+    tokens issued so far); GET /_sandbox/calls?user=<username> (that user's call log).
     `app.state.sandbox` and `app.state.faults` (the `FaultInjector`) are there for tests.
     """
     injector = FaultInjector(faults or FaultConfig())
@@ -1547,8 +1672,10 @@ def create_app(
             query=dict(request.query_params),
             url=str(request.url),
             body_error=body_error,
+            method=request.method,
+            path=request.url.path,
         )
-        if fault is FaultKind.DROP_AFTER_APPLY:
+        if fault is FaultKind.DROP_AFTER_APPLY or fault is FaultKind.APPLY_LATE:
             await drop_connection(request.scope)  # applied above; the answer is lost
         return JSONResponse(body, status_code=status)
 
@@ -1592,6 +1719,28 @@ def create_app(
         refresh = bool(changes.get("refresh")) if changes else False
         return JSONResponse({"expired": sandbox.expire_tokens(refresh=refresh)})
 
+    async def revoke(request: Request) -> Response:
+        changes = await json_object(request)
+        if changes is None:
+            return JSONResponse({"error": "expected a JSON object"}, status_code=400)
+        try:
+            order = RevokeRequest.model_validate(changes)
+        except ValidationError as exc:
+            return JSONResponse({"error": validation_errors(exc)}, status_code=422)
+        try:
+            count = sandbox.revoke_tokens(order.username, order.kind)
+        except KeyError:
+            return JSONResponse({"error": f"unknown user: {order.username}"}, status_code=404)
+        return JSONResponse({"revoked": count})
+
+    async def calls(request: Request) -> Response:
+        username = request.query_params.get("user")
+        if not username:
+            return JSONResponse({"error": "expected ?user=<username>"}, status_code=400)
+        if sandbox.user(username) is None:
+            return JSONResponse({"error": f"unknown user: {username}"}, status_code=404)
+        return JSONResponse({"calls": sandbox.call_log(username)})
+
     app = SandboxStarlette(
         routes=[
             Route("/_sandbox/health", health, methods=["GET"]),
@@ -1601,6 +1750,8 @@ def create_app(
             Route("/_sandbox/users", users, methods=["POST"]),
             Route("/_sandbox/settings", settings, methods=["GET", "POST"]),
             Route("/_sandbox/expire-tokens", expire_tokens, methods=["POST"]),
+            Route("/_sandbox/revoke", revoke, methods=["POST"]),
+            Route("/_sandbox/calls", calls, methods=["GET"]),
             # Every method reaches `api`, which answers 404/405 in Django REST framework's shape.
             Route(_normal_prefix(prefix) + "{path:path}", api, methods=_ALL_METHODS),
         ]

@@ -12,6 +12,13 @@ Everything is in memory and single-threaded (one asyncio loop): every handler is
 so each call is atomic, and every lookup is a dict access. Locks expire lazily, when the
 voucher or the bill is next touched, against an injectable clock.
 
+Every call a terminal's handling sees (`handle`: authenticated, route known, a JSON object) is
+logged per machine, so that tests can check the order in which a client called for one till:
+`{"seq", "at", "route", "body"}`, `seq` increasing over all terminals and never reused (not
+even across a reset), `at` the sandbox clock. Calls faulted with 503/504 never get there (they
+are not applied); drop-after-apply and apply-late ones do. The last `max_logged_calls` calls of
+each machine are kept.
+
 Generated terminals and vouchers (seed option `generate`), for benchmarks; for i in
 [0, terminals) and j in [0, vouchers_per_terminal):
   machine name  gen-till-{i:06d}
@@ -24,9 +31,11 @@ Generated terminals and vouchers (seed option `generate`), for benchmarks; for i
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -261,6 +270,7 @@ class EvoucherSandbox:
         lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
         clock: Callable[[], float] = time.time,
         max_sessions: int = 100_000,
+        max_logged_calls: int = 1_000,
     ) -> None:
         self.seed = seed or EvoucherSeed()
         # strict: a bill belongs to (machine, OCSESSID), so a client that loses its cookie jar
@@ -269,6 +279,8 @@ class EvoucherSandbox:
         self.lock_ttl_s = lock_ttl_s
         self.clock = clock  # seconds since the epoch; also gives "today" (UTC) for expiry
         self.max_sessions = max_sessions
+        self.max_logged_calls = max_logged_calls  # per machine, so a long benchmark stays bounded
+        self._call_seq = itertools.count(1)  # not reset: a seq is never handed out twice
         self._handlers: dict[str, Callable[[Terminal, Mapping[str, Any], str], dict[str, Any]]] = {
             BILL_TOTAL: self.bill_total,
             SCAN_VOUCHER: self.scan_voucher,
@@ -285,7 +297,7 @@ class EvoucherSandbox:
     # --- setup ----------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Back to the seed: vouchers, terminals, no bills, no locks, no sessions, no counts."""
+        """Back to the seed: vouchers, terminals; no bills, locks, sessions, counts, call log."""
         self._vouchers: dict[str, Voucher] = {}
         self._terminals: dict[str, Terminal] = {}
         self._bills: dict[BillKey, Bill] = {}
@@ -295,6 +307,7 @@ class EvoucherSandbox:
         self.calls: dict[str, int] = dict.fromkeys(ROUTE_NAMES, 0)
         self.failures: dict[str, int] = dict.fromkeys(ROUTE_NAMES, 0)
         self.redemptions = 0
+        self._call_log: dict[str, deque[dict[str, Any]]] = {}  # machine name -> oldest first
         self.add_terminals(self.seed.terminals)
         self.add_vouchers(self.seed.vouchers)
         gen = self.seed.generate
@@ -352,6 +365,16 @@ class EvoucherSandbox:
             self._expire_holds(bill, self.clock())
         return bill
 
+    def known_machine(self, machine_name: str) -> bool:
+        """A terminal has this machine name (now, or when it was called since the reset)."""
+        return machine_name in self._call_log or any(
+            t.machine_name == machine_name for t in self._terminals.values()
+        )
+
+    def call_log(self, machine_name: str) -> list[dict[str, Any]]:
+        """The calls this machine's handling saw since the reset, oldest first."""
+        return list(self._call_log.get(machine_name, ()))
+
     def session_id(self, cookie: str | None) -> str:
         """The client's OCSESSID when the sandbox issued it, else a new one (26 hex digits)."""
         sessions = self._sessions
@@ -371,7 +394,14 @@ class EvoucherSandbox:
     def handle(
         self, route: str, terminal: Terminal, body: Mapping[str, Any], session: str = ""
     ) -> dict[str, Any]:
-        """Run route `route` (e.g. "scan_voucher_api"), counting calls and failures."""
+        """Run route `route` (e.g. "scan_voucher_api"): logged, counted, failures counted."""
+        log = self._call_log.get(terminal.machine_name)
+        if log is None:
+            log = self._call_log[terminal.machine_name] = deque(maxlen=self.max_logged_calls)
+        # Logged before the handler runs: the order of arrival, whatever the handler answers.
+        log.append(
+            {"seq": next(self._call_seq), "at": self.clock(), "route": route, "body": dict(body)}
+        )
         payload = self._handlers[route](terminal, body, session)
         self.calls[route] += 1
         if not payload["success"]:
@@ -682,8 +712,10 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
     vouchers, `?vouchers=0` to leave them out); GET|POST /_sandbox/faults (POST merges fields
     into the fault config); POST /_sandbox/reset; POST /_sandbox/vouchers and
     /_sandbox/terminals (a list, or {"vouchers": [...]} / {"terminals": [...]});
-    GET|POST /_sandbox/settings (strict_session, lock_ttl_s). `app.state.sandbox` and
-    `app.state.faults` (the `FaultInjector`) are there for in-process tests.
+    GET|POST /_sandbox/settings (strict_session, lock_ttl_s);
+    GET /_sandbox/calls?terminal=<machine_name> (that till's call log, oldest first).
+    `app.state.sandbox` and `app.state.faults` (the `FaultInjector`) are there for in-process
+    tests.
     """
     injector = FaultInjector(faults or FaultConfig())
 
@@ -715,7 +747,7 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
         if body is None:
             return _api_response(_fail("Invalid JSON body!"), 400, session, gzipped)
         payload = sandbox.handle(route, terminal, body, session)
-        if fault is FaultKind.DROP_AFTER_APPLY:
+        if fault is FaultKind.DROP_AFTER_APPLY or fault is FaultKind.APPLY_LATE:
             await drop_connection(request.scope)  # applied above; the answer is lost
         return _api_response(payload, 200, session, gzipped)
 
@@ -731,6 +763,14 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
         return JSONResponse(snapshot)
 
     faults_endpoint = faults_route(injector)
+
+    async def calls(request: Request) -> Response:
+        machine = request.query_params.get("terminal")
+        if not machine:
+            return JSONResponse({"error": "expected ?terminal=<machine name>"}, status_code=400)
+        if not sandbox.known_machine(machine):
+            return JSONResponse({"error": f"unknown terminal: {machine}"}, status_code=404)
+        return JSONResponse({"calls": sandbox.call_log(machine)})
 
     async def reset(request: Request) -> Response:
         sandbox.reset()
@@ -767,6 +807,7 @@ def create_app(sandbox: EvoucherSandbox, faults: FaultConfig | None = None) -> S
             Route("/_sandbox/vouchers", add_vouchers, methods=["POST"]),
             Route("/_sandbox/terminals", add_terminals, methods=["POST"]),
             Route("/_sandbox/settings", settings, methods=["GET", "POST"]),
+            Route("/_sandbox/calls", calls, methods=["GET"]),
         ]
     )
     app.state.sandbox = sandbox

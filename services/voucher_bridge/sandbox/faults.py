@@ -1,9 +1,19 @@
 """Fault injection shared by the sandboxes: latency, errors, timeouts, and answers that get lost.
 
 A call is faulted in this order: the added latency, then one draw that picks at most one of
-error (HTTP 503, nothing applied), timeout (a long sleep then HTTP 504, nothing applied) and
-drop-after-apply (the change is applied, then the connection is closed with no answer at all).
-The last one is the case an exactly-once client must survive: it cannot tell it from a timeout.
+error (HTTP 503, nothing applied), timeout (a long sleep then HTTP 504, nothing applied),
+drop-after-apply (the change is applied, then the connection is closed with no answer at all)
+and apply-late (the call is held with no answer for `apply_delay_s`, so that a client with a
+shorter read timeout gives up, and only then applied and its connection closed). The last two
+are the cases an exactly-once client must survive: it cannot tell them from a timeout, and after
+apply-late the change lands after the client has given up (a resend may even arrive first).
+
+A client that goes away does not stop the apply, so nothing needs shielding: uvicorn (h11 and
+httptools alike) only marks the request cycle disconnected and discards what the app sends
+afterwards; it never cancels the app's task (only its shutdown does, after
+`timeout_graceful_shutdown`: a call still held then is not applied), and Starlette's plain routes
+do not watch for `http.disconnect`. The sandboxes read the request body before `inject`: once
+the client is gone, `receive` only answers `http.disconnect`.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ class FaultConfig(BaseModel):
     timeout_rate: float = Field(default=0.0, ge=0, le=1)
     timeout_sleep_s: float = Field(default=30.0, ge=0)
     drop_after_apply_rate: float = Field(default=0.0, ge=0, le=1)
+    apply_late_rate: float = Field(default=0.0, ge=0, le=1)
+    # How long an apply-late call is held, unanswered, before it is applied.
+    apply_delay_s: float = Field(default=5.0, ge=0)
     # Route names (e.g. "scan_voucher_api") the faults apply to; None means every route.
     routes: list[str] | None = None
     # Seed of the random draws, for reproducible runs; None seeds from the OS.
@@ -47,9 +60,12 @@ class FaultConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rates_fit(self) -> FaultConfig:
-        # One draw picks the fault, so the three rates share the unit interval.
-        if self.error_rate + self.timeout_rate + self.drop_after_apply_rate > 1.0 + 1e-9:
-            raise ValueError("error_rate + timeout_rate + drop_after_apply_rate must be <= 1")
+        # One draw picks the fault, so the four rates share the unit interval.
+        total = self.error_rate + self.timeout_rate + self.drop_after_apply_rate
+        if total + self.apply_late_rate > 1.0 + 1e-9:
+            raise ValueError(
+                "error_rate + timeout_rate + drop_after_apply_rate + apply_late_rate must be <= 1"
+            )
         return self
 
 
@@ -58,6 +74,7 @@ class FaultKind(StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
     DROP_AFTER_APPLY = "drop_after_apply"
+    APPLY_LATE = "apply_late"
 
 
 class ConnectionDropped(Exception):
@@ -94,6 +111,7 @@ class FaultInjector:
             and config.error_rate == 0
             and config.timeout_rate == 0
             and config.drop_after_apply_rate == 0
+            and config.apply_late_rate == 0
         )
 
     def update(self, changes: Mapping[str, Any]) -> FaultConfig:
@@ -122,25 +140,35 @@ class FaultInjector:
         if not self.applies_to(route):
             return FaultKind.NONE
         config = self._config
-        if not (config.error_rate or config.timeout_rate or config.drop_after_apply_rate):
+        if not (
+            config.error_rate
+            or config.timeout_rate
+            or config.drop_after_apply_rate
+            or config.apply_late_rate
+        ):
             return FaultKind.NONE
+        # Consecutive slices of [0, 1), apply-late last: a seeded run without it draws as before.
         x = self._rng.random()
-        if x < config.error_rate:
+        edge = config.error_rate
+        if x < edge:
             kind = FaultKind.ERROR
-        elif x < config.error_rate + config.timeout_rate:
+        elif x < (edge := edge + config.timeout_rate):
             kind = FaultKind.TIMEOUT
-        elif x < config.error_rate + config.timeout_rate + config.drop_after_apply_rate:
+        elif x < (edge := edge + config.drop_after_apply_rate):
             kind = FaultKind.DROP_AFTER_APPLY
+        elif x < edge + config.apply_late_rate:
+            kind = FaultKind.APPLY_LATE
         else:
             return FaultKind.NONE
         self.injected[kind.value] += 1
         return kind
 
     async def inject(self, route: str) -> FaultKind:
-        """Sleep the call's latency, draw its fault, and for a timeout sleep that too.
+        """Sleep the call's latency, draw its fault, and for a timeout or apply-late sleep that too.
 
         The caller answers `error_response(503)` for ERROR and `error_response(504)` for TIMEOUT
-        without applying anything, and applies then calls `drop_connection` for DROP_AFTER_APPLY.
+        without applying anything, and applies then calls `drop_connection` for DROP_AFTER_APPLY
+        and APPLY_LATE (the latter returns after `apply_delay_s`, the client perhaps gone).
         """
         if self._idle:
             return FaultKind.NONE
@@ -150,6 +178,8 @@ class FaultInjector:
         kind = self.draw(route)
         if kind is FaultKind.TIMEOUT:
             await asyncio.sleep(self._config.timeout_sleep_s)
+        elif kind is FaultKind.APPLY_LATE:
+            await asyncio.sleep(self._config.apply_delay_s)
         return kind
 
     def snapshot(self) -> dict[str, Any]:
@@ -294,7 +324,8 @@ def sandbox_server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
         access_log=False,
         lifespan="off",
         server_header=False,
-        # Calls sleeping in an injected timeout must not hold the shutdown for timeout_sleep_s.
+        # Calls sleeping in an injected timeout (or apply-late) must not hold the shutdown for
+        # timeout_sleep_s; an apply-late call still held then is cancelled, not applied.
         timeout_graceful_shutdown=2,
     )
     return uvicorn.Server(config)
