@@ -61,6 +61,13 @@ class Sandbox:
         state = self.admin.get("state", params={"codes": ",".join(codes)}).json()
         return {v["code"]: v for v in state["vouchers"]}
 
+    def calls(self, terminal: str) -> list[dict[str, Any]]:
+        """The calls the sandbox handled for this till (machine name), oldest first."""
+        r = self.admin.get("calls", params={"terminal": terminal})
+        r.raise_for_status()
+        calls: list[dict[str, Any]] = r.json()["calls"]
+        return calls
+
 
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
@@ -108,6 +115,20 @@ class EpinSandbox:
     def state(self, **params: str) -> dict[str, Any]:
         return dict(self.admin.get("state", params=params).json())
 
+    def calls(self, user: str) -> list[dict[str, Any]]:
+        """The calls that named this user (login, refresh, bearer token), oldest first."""
+        r = self.admin.get("calls", params={"user": user})
+        r.raise_for_status()
+        calls: list[dict[str, Any]] = r.json()["calls"]
+        return calls
+
+    def revoke(self, username: str, kind: str = "all") -> int:
+        """Revoke the user's tokens ("access", "refresh" or "all") issued so far."""
+        r = self.admin.post("revoke", json={"username": username, "kind": kind})
+        r.raise_for_status()
+        revoked: int = r.json()["revoked"]
+        return revoked
+
 
 @pytest.fixture(scope="session")
 def epin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EpinSandbox]:
@@ -136,6 +157,7 @@ def _no_faults(request: pytest.FixtureRequest) -> Iterator[None]:
             error_rate=0,
             timeout_rate=0,
             drop_after_apply_rate=0,
+            apply_late_rate=0,
             routes=None,
         )
 

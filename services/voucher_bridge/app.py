@@ -29,6 +29,13 @@ from voucher_bridge.epin.client import Credentials, EpinClient
 from voucher_bridge.epin.handler import CouponCommandHandler
 from voucher_bridge.evoucher.client import EvoucherClient
 from voucher_bridge.evoucher.handler import PosCommandHandler
+from voucher_bridge.guards import (
+    client_id_of,
+    instance_of,
+    members_of_other_stores,
+    topics_kept_longer,
+)
+from voucher_bridge.kafka.admin import group_client_ids, topic_retention_ms
 from voucher_bridge.kafka.connection import connection_args, faststream_security
 from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
 from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
@@ -125,8 +132,18 @@ class Service:
             base_delay_s=settings.upstream_retry_base_delay_s,
             max_delay_s=settings.upstream_retry_max_delay_s,
         )
-        pos_handler = PosCommandHandler(self.evoucher, retry)
-        coupon_handler = CouponCommandHandler(self.epin, retry)
+        pos_handler = PosCommandHandler(
+            self.evoucher,
+            retry,
+            apply_grace_s=settings.evoucher_apply_grace_s,
+            settle_window_s=settings.settle_window_s,
+        )
+        coupon_handler = CouponCommandHandler(
+            self.epin,
+            retry,
+            apply_grace_s=settings.epin_apply_grace_s,
+            settle_window_s=settings.epin_settle_window_s,
+        )
         self.once = ExactlyOnce(
             self.store,
             RoutedHandler(
@@ -139,7 +156,6 @@ class Service:
                 heartbeat_interval_s=settings.instance_heartbeat_s,
                 stale_after_s=settings.instance_stale_after_s,
                 settle_interval_s=settings.settle_interval_s,
-                settle_window_s=settings.settle_window_s,
                 retention_s=settings.idempotency_retention_s,
                 purge_interval_s=settings.idempotency_purge_interval_s,
                 command_timeout_s=settings.command_timeout_s,
@@ -200,7 +216,9 @@ class Service:
         broker = KafkaBroker(
             settings.kafka_bootstrap_servers,
             security=faststream_security(settings),
-            client_id="voucher-bridge",
+            # Names this instance, so that the group's members can be matched to the
+            # instances that heartbeat in the store (guards.members_of_other_stores).
+            client_id=client_id_of(self.once.instance),
             # Topics are provisioned by their owners (or `voucher-bridge topics`), never
             # created here with one partition by accident.
             allow_auto_create_topics=False,
@@ -252,7 +270,36 @@ class Service:
 
     async def on_startup(self) -> None:
         await self.producer.start()
-        await self.once.start(self._publish_superseding)
+        await self.once.start(self._publish_superseding, self.dispatcher.submit_job)
+        await self._guard_forgetting()
+
+    async def _guard_forgetting(self) -> None:
+        """Refuse to start where the store cannot remember for the whole group (see guards)."""
+        settings = self.settings
+        client_ids = await group_client_ids(settings, settings.kafka_group_id)
+        instances = {i for c in client_ids if (i := instance_of(c)) is not None}
+        known = await self.store.known_instances(instances)
+        others = members_of_other_stores(client_ids, known)
+        if others:
+            raise RuntimeError(
+                f"consumer group {settings.kafka_group_id!r} has members that do not share this "
+                f"instance's idempotency store ({', '.join(others)}): a command one of them "
+                "sent would be sent again by the other after a rebalance. Point every instance "
+                "at the same IDEMPOTENCY_STORE_URL (PostgreSQL, or one SQLite file on one host)."
+            )
+        topics = [lane.topics.commands for lane in self.lanes]
+        longer = topics_kept_longer(
+            await topic_retention_ms(settings, topics), settings.idempotency_retention_s
+        )
+        if longer:
+            message = (
+                f"{', '.join(longer)} keep records longer than the idempotency store keeps "
+                f"commands (IDEMPOTENCY_RETENTION_S={settings.idempotency_retention_s:g}): "
+                "a replay of older ones is refused by age (command_expired), never sent"
+            )
+            if settings.retention_check == "refuse":
+                raise RuntimeError(message + "; RETENTION_CHECK=refuse")
+            log.warning(message)
 
     async def after_startup(self) -> None:
         # Everything made so far (modules, pydantic schemas, clients) lives as long as the

@@ -100,3 +100,9 @@ lanes_restarted = _meter.create_counter(
     unit="{lane}",
     description="Lanes (one key's records) cancelled outside a drain and started again.",
 )
+unsettled = _meter.create_counter(
+    "voucher_bridge.results.unsettled",
+    unit="{result}",
+    description="Indeterminate results the upstream could no longer tell about, left to an "
+    "operator (reason `unsettled`).",
+)

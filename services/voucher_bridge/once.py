@@ -63,19 +63,40 @@ from voucher_contracts.envelope import unrecorded_result_id
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BeforeSend = Callable[[], Awaitable[None]]
+# The recovery point: called once, just before a money-moving call first goes out, with the
+# handler's before-image (what the upstream said just before, as JSON) to keep beside it.
+BeforeSend = Callable[[str | None], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SentCall:
+    """What the store knows of a money-moving call that went out: when (this service's clock)
+    and the handler's before-image; and whether its key has had other commands since (True
+    when this instance cannot tell: the partition came from another one, say)."""
+
+    at: float | None = None
+    before: str | None = None
+    followed: bool = True
 
 
 class Handler(Protocol):
     money_moving: frozenset[str]
 
+    def settle_window(self, command_type: str) -> float:
+        """How long after its call an indeterminate command can still be settled."""
+        ...
+
     async def handle(
         self, command: CommandEnvelope, record_key: str | None, before_send: BeforeSend | None
     ) -> ResultData: ...
 
-    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData: ...
+    async def recover(
+        self, command: CommandEnvelope, record_key: str | None, sent: SentCall
+    ) -> ResultData: ...
 
-    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None: ...
+    async def settle(
+        self, command: CommandEnvelope, previous: ResultData, sent: SentCall
+    ) -> ResultData | None: ...
 
 
 class RoutedHandler:
@@ -85,16 +106,42 @@ class RoutedHandler:
         self._routes = dict(routes)
         self.money_moving = frozenset().union(*(h.money_moving for h in self._routes.values()))
 
+    def settle_window(self, command_type: str) -> float:
+        return self._routes[command_type].settle_window(command_type)
+
     async def handle(
         self, command: CommandEnvelope, record_key: str | None, before_send: BeforeSend | None
     ) -> ResultData:
         return await self._routes[command.type].handle(command, record_key, before_send)
 
-    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
-        return await self._routes[command.type].recover(command, record_key)
+    async def recover(
+        self, command: CommandEnvelope, record_key: str | None, sent: SentCall
+    ) -> ResultData:
+        return await self._routes[command.type].recover(command, record_key, sent)
 
-    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
-        return await self._routes[command.type].settle(command, previous)
+    async def settle(
+        self, command: CommandEnvelope, previous: ResultData, sent: SentCall
+    ) -> ResultData | None:
+        return await self._routes[command.type].settle(command, previous, sent)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a command was read: its settling runs in that partition's lane for its key, and
+    its age is told from `timestamp_ms` when it has no `time`."""
+
+    topic: str | None = None
+    partition: int | None = None
+    timestamp_ms: int | None = None
+
+
+class ScheduleJob(Protocol):
+    """Runs `job` in the lane of `key` in that partition, between its commands; False when this
+    instance does not own the partition now (see kafka.dispatcher)."""
+
+    def __call__(
+        self, topic: str, partition: int, key: bytes | None, job: Callable[[], Awaitable[None]]
+    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -115,9 +162,6 @@ class Timing:
     stale_after_s: float = 15.0
     busy_poll_s: float = 0.2
     settle_interval_s: float = 5.0
-    # How long after a redeem went out a scan can still tell what happened: the upstream
-    # keeps a scanned voucher locked to the terminal for 5 minutes.
-    settle_window_s: float = 240.0
     retention_s: float = 7 * 24 * 3600.0
     purge_interval_s: float = 600.0
     # The bound of one command, from its claim to its answer, whatever fails around it.
@@ -170,10 +214,22 @@ class ExactlyOnce:
         self._unstored: dict[CommandKey, _Unstored] = {}
         self._releases: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
+        self._schedule: ScheduleJob | None = None
+        # Settle jobs queued or running here, and since when: one a drain dropped unstarted
+        # is queued again once its lease would have run out.
+        self._settling: dict[CommandKey, float] = {}
+        # The last command each record key (a till, an account) ran here: tells a settle job
+        # whether the key has moved on since the command it settles.
+        self._last_of_key: dict[bytes | None, CommandKey] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, publish_superseding: PublishSuperseding) -> None:
+    async def start(
+        self, publish_superseding: PublishSuperseding, schedule: ScheduleJob | None = None
+    ) -> None:
+        """`schedule`: how settling jobs get into their key's lane (None: they run in the
+        settling loop itself, as in a test with no dispatcher)."""
+        self._schedule = schedule
         await self.store.open()
         await self.store.heartbeat(self.instance)
         self._tasks = [
@@ -238,7 +294,10 @@ class ExactlyOnce:
 
     # -- one command --------------------------------------------------------------------------
 
-    async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered:
+    async def execute(
+        self, command: CommandEnvelope, record_key: bytes | None, origin: Origin | None = None
+    ) -> Answered:
+        origin = origin or Origin()
         key = CommandKey(command.source, command.id)
         # One task per command at a time in this instance; the first runs within its bound.
         while (first := self._running.get(key)) is not None:
@@ -250,14 +309,20 @@ class ExactlyOnce:
                 return _key_reused_answer(command, digest)
             return replace(unstored.answered, replayed=True)
         done = self._running[key] = asyncio.Event()
+        self._last_of_key[record_key] = key
         try:
-            return await self._execute(command, key, digest, record_key)
+            return await self._execute(command, key, digest, record_key, origin)
         finally:
             del self._running[key]
             done.set()
 
     async def _execute(
-        self, command: CommandEnvelope, key: CommandKey, digest: str, record_key: bytes | None
+        self,
+        command: CommandEnvelope,
+        key: CommandKey,
+        digest: str,
+        record_key: bytes | None,
+        origin: Origin,
     ) -> Answered:
         new = NewCommand(
             key=key,
@@ -266,6 +331,8 @@ class ExactlyOnce:
             subject=command.subject,
             envelope=command.model_dump_json(),
             record_key=record_key,
+            topic=origin.topic,
+            partition=origin.partition,
         )
         text_key = record_key.decode("utf-8", "replace") if record_key is not None else None
         loop = asyncio.get_running_loop()
@@ -306,7 +373,7 @@ class ExactlyOnce:
                     loop.time() - busy_since, {"command_type": command.type}
                 )
             try:
-                return await self._run_claimed(command, key, digest, claim, text_key)
+                return await self._run_claimed(command, key, digest, claim, text_key, origin)
             except LostClaim:
                 # Taken over by another instance (this one was thought dead): its answer is
                 # the one that counts. Ask the store again.
@@ -341,18 +408,25 @@ class ExactlyOnce:
         digest: str,
         claim: Claim,
         text_key: str | None,
+        origin: Origin,
     ) -> Answered:
         assert claim.token is not None
         token = claim.token
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timing.command_timeout_s
 
-        async def before_send() -> None:
-            await self._store_op(lambda: self.store.mark_sent(key, token, self._clock()), deadline)
+        async def before_send(before: str | None) -> None:
+            await self._store_op(
+                lambda: self.store.mark_sent(key, token, self._clock(), before), deadline
+            )
 
         resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
+        sent = SentCall(claim.sent_at, claim.before) if resuming_sent else None
         try:
-            data = await self._act(command, text_key, before_send, resuming_sent, deadline)
+            if sent is None and self._expired(command, origin):
+                data = _expired(command, self._timing.retention_s)
+            else:
+                data = await self._act(command, text_key, before_send, sent, deadline)
             unsettled = (
                 data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
             )
@@ -379,27 +453,38 @@ class ExactlyOnce:
             raise
         return answered
 
+    def _expired(self, command: CommandEnvelope, origin: Origin) -> bool:
+        """Older than the store's retention (by its `time`, else the record's timestamp): it
+        may have been answered and forgotten, so it is never sent."""
+        if command.time is not None:
+            happened = command.time.timestamp()
+        elif origin.timestamp_ms is not None and origin.timestamp_ms >= 0:
+            happened = origin.timestamp_ms / 1000
+        else:
+            return False
+        return happened < self._clock() - self._timing.retention_s
+
     async def _act(
         self,
         command: CommandEnvelope,
         text_key: str | None,
         before_send: BeforeSend,
-        resuming_sent: bool,
+        resuming: SentCall | None,
         deadline: float,
     ) -> ResultData:
-        sent = resuming_sent
+        sent = resuming is not None
 
-        async def mark_and_note() -> None:
+        async def mark_and_note(before: str | None) -> None:
             nonlocal sent
-            await before_send()
+            await before_send(before)
             sent = True
 
         bound = asyncio.timeout_at(deadline)
         try:
             async with bound:
-                if resuming_sent:
+                if resuming is not None:
                     log.warning("%s %s: resuming after a crash mid-call", command.type, command.id)
-                    return await self._handler.recover(command, text_key)
+                    return await self._handler.recover(command, text_key, resuming)
                 return await self._handler.handle(command, text_key, mark_and_note)
         except LostClaim:
             raise
@@ -505,38 +590,105 @@ class ExactlyOnce:
     # -- background ---------------------------------------------------------------------------
 
     async def settle(self, publish: PublishSuperseding) -> int:
-        """Try again to settle indeterminate results; publish each one settled. Returns how many."""
-        settled = 0
+        """Look again at indeterminate results: each as a job in its key's lane, between the
+        key's commands and only where this instance owns the partition (so the settling scan
+        of a redeem never runs beside the till's newer commands). Returns how many jobs ran
+        here (no dispatcher) or were queued."""
+        started = 0
+        now = time.monotonic()
         for pending in await self.store.unsettled(limit=100):
-            try:
-                settled += await self._settle_one(pending, publish)
-            except Exception:
-                # One record the upstream keeps failing on must not hold up the others.
-                log.exception("settling %s failed; trying again later", pending.key)
-        return settled
+            queued = self._settling.get(pending.key)
+            if queued is not None and now - queued < self._settle_lease_s:
+                continue
+            self._settling[pending.key] = now
+            job = functools.partial(self._settle_job, pending, publish)
+            if self._schedule is None or pending.topic is None or pending.partition is None:
+                await job()  # no lane to run in (a test, or a record from before lanes did it)
+            elif not self._schedule(pending.topic, pending.partition, pending.record_key, job):
+                self._settling.pop(pending.key, None)  # another instance owns its partition
+                continue
+            started += 1
+        return started
+
+    @property
+    def _settle_lease_s(self) -> float:
+        return self._timing.command_timeout_s + 30
+
+    async def _settle_job(self, pending: Unsettled, publish: PublishSuperseding) -> None:
+        try:
+            # One instance at a time, even in the moments a partition has two owners.
+            if not await self.store.lease_settle(
+                pending.key, pending.revision, self.instance, self._settle_lease_s
+            ):
+                return
+            async with asyncio.timeout(self._timing.command_timeout_s):
+                await self._settle_one(pending, publish)
+        except Exception as exc:
+            # One record the upstream keeps failing on must not hold up the others.
+            log.warning("settling %s failed (%s: %s)", pending.key, type(exc).__name__, exc)
+        finally:
+            self._settling.pop(pending.key, None)
 
     async def _settle_one(self, pending: Unsettled, publish: PublishSuperseding) -> int:
         previous = ResultData.model_validate_json(pending.result)
         command = CommandEnvelope.model_validate_json(pending.envelope)
-        now = self._clock()
-        window = self._timing.settle_window_s
-        if pending.sent_at is not None and now - pending.sent_at >= window:
-            # The upstream can no longer tell: the result stays indeterminate, under its id,
-            # and the ledger reconciles it.
-            await self.store.give_up(pending.key, pending.revision, now)
+        window = self._handler.settle_window(command.type)
+        if pending.sent_at is not None and self._clock() - pending.sent_at >= window:
+            await self._leave_to_an_operator(pending, command, previous, publish, window)
             return 0
-        data = await self._handler.settle(command, previous)
+        followed = self._last_of_key.get(pending.record_key) != pending.key
+        sent = SentCall(pending.sent_at, pending.before, followed)
+        data = await self._handler.settle(command, previous, sent)
         if data is None:
             return 0
+        return await self._supersede(pending, command, data, publish)
+
+    async def _leave_to_an_operator(
+        self,
+        pending: Unsettled,
+        command: CommandEnvelope,
+        previous: ResultData,
+        publish: PublishSuperseding,
+        window: float,
+    ) -> None:
+        """The upstream can no longer tell (the eVOUCHER scan lock ran out, say): the result
+        stays `indeterminate`, now with reason `unsettled`, and waits for an operator."""
+        log.error(
+            "%s %s: still indeterminate %g s after the call; left to an operator",
+            command.type,
+            command.id,
+            window,
+        )
+        metrics.unsettled.add(1, {"command_type": command.type})
+        message = (
+            f"the upstream could not tell within {window:g} s of the call; an operator decides"
+        )
+        data = previous.model_copy(update={"reason": "unsettled", "message": message})
+        await self._supersede(pending, command, data, publish, needs_operator=True)
+
+    async def _supersede(
+        self,
+        pending: Unsettled,
+        command: CommandEnvelope,
+        data: ResultData,
+        publish: PublishSuperseding,
+        needs_operator: bool = False,
+    ) -> int:
         old_id = result_id(pending.key.source, pending.key.id, pending.revision)
         new_id = result_id(pending.key.source, pending.key.id, pending.revision + 1)
         data = data.model_copy(update={"supersedes": old_id})
+        still_unsettled = data.outcome is Outcome.INDETERMINATE and not needs_operator
         # Published before it is stored as settled: a crash in between publishes it again
         # (same id) rather than never.
         await publish(pending.record_key, command, Answered(data, new_id))
         metrics.superseded.add(1, {"command_type": command.type})
         stored = await self.store.settle(
-            pending.key, pending.revision, data.model_dump_json(), False, self._clock()
+            pending.key,
+            pending.revision,
+            data.model_dump_json(),
+            still_unsettled,
+            self._clock(),
+            needs_operator,
         )
         return 1 if stored else 0
 
@@ -555,6 +707,15 @@ class PublishSuperseding(Protocol):
     async def __call__(
         self, record_key: bytes | None, command: CommandEnvelope, answered: Answered
     ) -> None: ...
+
+
+def _expired(command: CommandEnvelope, retention_s: float) -> ResultData:
+    decision = Decision(
+        Outcome.REJECTED,
+        "command_expired",
+        f"older than the idempotency store's retention ({retention_s:g} s): never sent",
+    )
+    return result(command, decision, UpstreamReport())
 
 
 def _key_reused_answer(command: CommandEnvelope, digest: str) -> Answered:

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # One store operation; a slower one counts as failed and is tried again (within the
     # command's time).
     store_timeout_s: float = Field(default=5.0, gt=0)
+    # Command topics that keep records longer than the store keeps commands: `warn` at start,
+    # or `refuse` to start (old commands are refused by age either way: `command_expired`).
+    retention_check: Literal["warn", "refuse"] = "warn"
     idempotency_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     # How often records past their retention are removed (in batches, between commands).
     idempotency_purge_interval_s: float = Field(default=600, gt=0)
@@ -93,6 +96,12 @@ class Settings(BaseSettings):
     # (the upstream locks a scanned voucher to its terminal for 5 minutes).
     settle_interval_s: float = Field(default=5.0, gt=0)
     settle_window_s: float = Field(default=240.0, ge=0)
+    # The Epin history keeps every action: settle its lost answers for longer.
+    epin_settle_window_s: float = Field(default=3600.0, ge=0)
+    # A lost answer is "not applied" only once the call can no longer be under way upstream:
+    # this long after it went out (well above any server-side request limit).
+    evoucher_apply_grace_s: float = Field(default=120.0, ge=0)
+    epin_apply_grace_s: float = Field(default=120.0, ge=0)
 
     # Health and metrics HTTP endpoint (0 turns it off)
     http_port: int = Field(default=8080, ge=0)

@@ -31,7 +31,11 @@ class PrivateBroker:
         self.bootstrap = f"127.0.0.1:{self.port}"
 
     def up(self) -> None:
-        subprocess.run(["bash", str(KAFKA_SH), "up"], env=self._env, check=True, timeout=300)
+        try:
+            subprocess.run(["bash", str(KAFKA_SH), "up"], env=self._env, check=True, timeout=300)
+        except subprocess.CalledProcessError:
+            # Seen once under load: the JVM gone at start with nothing logged. Once more.
+            subprocess.run(["bash", str(KAFKA_SH), "up"], env=self._env, check=True, timeout=300)
 
     def down(self) -> None:
         subprocess.run(["bash", str(KAFKA_SH), "down"], env=self._env, check=True, timeout=120)

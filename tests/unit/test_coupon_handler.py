@@ -3,6 +3,8 @@ and money-moving calls that are never sent twice, whose lost answers are reconci
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,10 +18,12 @@ from starlette.applications import Starlette
 
 from voucher_bridge.epin.client import Credentials, EpinClient
 from voucher_bridge.epin.handler import CouponCommandHandler
+from voucher_bridge.once import SentCall
 from voucher_bridge.sandbox.epin import EpinSandbox, User, create_app, token_checksum
 from voucher_bridge.sandbox.faults import ConnectionDropped, FaultConfig, FaultInjector
 from voucher_bridge.upstream import RetryPolicy
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
+from voucher_contracts.coupon import COUPON_COMMAND_TYPES
 
 SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
 BASE = "http://epin.test/api/v1"
@@ -126,6 +130,16 @@ async def client(upstream: Upstream) -> AsyncIterator[EpinClient]:
 @pytest.fixture
 def handler(client: EpinClient) -> CouponCommandHandler:
     return CouponCommandHandler(client, NoWait(attempts=3))
+
+
+GRACE_S = 120.0
+LONG_AGO = SentCall(at=time.time() - GRACE_S - 1)  # past the grace, nothing from before
+
+
+async def before_image(handler: CouponCommandHandler, cmd: CommandEnvelope) -> str:
+    """What the handler keeps with the recovery point just before the call goes out."""
+    data = COUPON_COMMAND_TYPES[cmd.type].model_validate(cmd.data)
+    return (await handler._before(cmd.subject, data)).as_json()  # type: ignore[arg-type]
 
 
 def command(
@@ -464,9 +478,10 @@ async def test_money_moving_5xx_is_not_resent(
 ) -> None:
     upstream.fault(TRANSFER, "503")
     result = await handler.handle(command("coupon.transfer", {"user": NIC, "epin": "1001"}), None)
-    # Not resent; the active list shows the coupon is still ours: nothing happened.
-    assert (result.outcome, result.reason) == (Outcome.FAILED, "upstream_unavailable")
-    assert extras(result) == {"reconciled": True}
+    # Not resent; the active list shows the coupon is still ours so far, but the transfer may
+    # still be under way behind the proxy's 503: indeterminate, never failed on one read.
+    assert (result.outcome, result.reason) == (Outcome.INDETERMINATE, "upstream_unavailable")
+    assert extras(result) == {"seen": "the coupon is still in the account"}
     assert result.message is not None and "still in the account" in result.message
     assert result.upstream.attempts == 1 and result.upstream.last_status == 503
     assert upstream.count(TRANSFER) == 1 and coupon(state, 1001).transfers == 0
@@ -476,14 +491,18 @@ async def test_before_send_is_awaited_once_before_a_money_moving_call(
     handler: CouponCommandHandler, upstream: Upstream
 ) -> None:
     seen: list[list[str]] = []
+    images: list[str | None] = []
 
-    async def before_send() -> None:
+    async def before_send(before: str | None) -> None:
         seen.append(upstream.keys())
+        images.append(before)
 
     upstream.fault(TRANSFER, "refuse")
     data = {"user": NIC, "epin": "1002"}
     await handler.handle(command("coupon.transfer", data), ACCOUNT, before_send)
     assert len(seen) == 1 and TRANSFER not in seen[0]
+    # The before-image goes with it: the coupon was in the account just before.
+    assert images[0] is not None and json.loads(images[0])["held"] is True
     await handler.handle(command("coupon.list_active", {}), ACCOUNT, before_send)
     await handler.handle(command("coupon.refund_status", {"epin": "1"}), ACCOUNT, before_send)
     assert len(seen) == 1
@@ -514,12 +533,7 @@ async def test_lost_share_answer_is_reconciled_from_the_balance(
     data = {"email": "anna@example.cy", "epin": "1003", "share_amount": "10.5"}
     result = await handler.handle(command("coupon.share", data), ACCOUNT)
     assert result.outcome is Outcome.SUCCEEDED, result
-    assert extras(result) == {
-        "epin": "1003",
-        "share_amount": Decimal("10.5"),
-        "balance": Decimal("89.50"),
-        "reconciled": True,
-    }
+    assert extras(result) == {"epin": "1003", "share_amount": Decimal("10.50"), "reconciled": True}
     assert upstream.count(SHARE) == 1 and coupon(state, 1003).shares == 1
 
 
@@ -529,9 +543,7 @@ async def test_lost_share_that_emptied_the_coupon(
     upstream.fault(SHARE, "lose")
     data = {"email": "anna@example.cy", "epin": "1007", "share_amount": "10.00"}
     result = await handler.handle(command("coupon.share", data), ACCOUNT)
-    # The emptied coupon left the active list: its balance is taken as 0.
     assert result.outcome is Outcome.SUCCEEDED, result
-    assert extras(result)["balance"] == Decimal("0.00")
     assert coupon(state, 1007).shares == 1
 
 
@@ -539,12 +551,13 @@ async def test_lost_delete_answer_is_reconciled_from_the_refund_status(
     handler: CouponCommandHandler, upstream: Upstream, state: EpinSandbox
 ) -> None:
     before = wallet(state)
-    upstream.fault(DELETE, "lose")
+    upstream.fault(DELETE, "pass", "lose")  # the refund status before, then the delete
     result = await handler.handle(command("coupon.delete", {"epin": "1005"}), ACCOUNT)
     assert result.outcome is Outcome.SUCCEEDED, result
     assert extras(result) == {"epin": "1005", "reconciled": True}
     deletes = [r for r in upstream.requests if _key(r) == DELETE]
-    assert [r.url.params.get("status") for r in deletes] == ["1", None]  # delete, then status
+    # The refund status before (the before-image), the delete, the refund status after.
+    assert [r.url.params.get("status") for r in deletes] == [None, "1", None]
     assert coupon(state, 1005).deletes == 1
     assert wallet(state) == before + Decimal("20.00")
 
@@ -609,23 +622,16 @@ async def test_sandbox_drop_after_apply_of_a_create(
 
 
 @pytest.mark.parametrize(
-    ("type_", "data", "key", "outcome", "said"),
+    ("type_", "data", "key", "said"),
     [
-        (
-            "coupon.transfer",
-            {"user": NIC, "epin": "1001"},
-            TRANSFER,
-            Outcome.FAILED,
-            "still in the account",
-        ),
+        ("coupon.transfer", {"user": NIC, "epin": "1001"}, TRANSFER, "still in the account"),
         (
             "coupon.share",
             {"email": "a@example.cy", "epin": "1003", "share_amount": "1"},
             SHARE,
-            Outcome.FAILED,
-            "balance did not change",
+            "neither the history nor the balance changed",
         ),
-        ("coupon.delete", {"epin": "1005"}, DELETE, Outcome.FAILED, "not refunded"),
+        ("coupon.delete", {"epin": "1005"}, DELETE, "not refunded"),
     ],
 )
 async def test_request_lost_before_it_applied(
@@ -635,16 +641,25 @@ async def test_request_lost_before_it_applied(
     type_: str,
     data: dict[str, Any],
     key: str,
-    outcome: Outcome,
     said: str,
 ) -> None:
-    upstream.fault(key, "vanish")
-    result = await handler.handle(command(type_, data), ACCOUNT)
-    assert (result.outcome, result.reason) == (outcome, "upstream_unavailable")
+    cmd = command(type_, data)
+    before = await before_image(handler, cmd)
+    # The delete's before-image is a DELETE too (its refund status, without `status`).
+    upstream.fault(key, *(["pass"] if key == DELETE else []), "vanish")
+    result = await handler.handle(cmd, ACCOUNT)
+    # Not applied so far, but it may still be under way at the API: indeterminate.
+    assert (result.outcome, result.reason) == (Outcome.INDETERMINATE, "upstream_unavailable")
     assert result.message is not None and said in result.message
-    assert extras(result) == {"reconciled": True}
-    # Never resent: only the reconciliation's reads went out after it.
-    assert state.calls[type_.removeprefix("coupon.")] == (1 if key == DELETE else 0)
+    # Once it can no longer be under way, the same reads prove it did not happen.
+    settled = await handler.settle(cmd, result, SentCall(LONG_AGO.at, before))
+    assert settled is not None
+    assert (settled.outcome, settled.reason) == (Outcome.FAILED, "upstream_unavailable")
+    assert settled.message is not None and said in settled.message
+    assert extras(settled) == {"reconciled": True}
+    # Never resent: only the reconciliation's reads went out after it (the refund status is
+    # a DELETE without `status`, counted with deletes by the sandbox).
+    assert state.snapshot()["totals"]["deletes"] == 0
     money = [
         r
         for r in upstream.requests
@@ -712,49 +727,48 @@ def totals(state: EpinSandbox) -> dict[str, Any]:
     return found
 
 
-RECOVERABLE: list[tuple[str, dict[str, Any], Outcome | None]] = [
-    ("coupon.transfer", {"user": NIC, "epin": "1001"}, Outcome.FAILED),
-    ("coupon.share", {"email": "a@example.cy", "epin": "1003", "share_amount": "7.25"}, None),
-    ("coupon.delete", {"epin": "1005"}, Outcome.FAILED),
-    ("coupon.create", {}, None),
+RECOVERABLE: list[tuple[str, dict[str, Any]]] = [
+    ("coupon.transfer", {"user": NIC, "epin": "1001"}),
+    ("coupon.share", {"email": "a@example.cy", "epin": "1003", "share_amount": "7.25"}),
+    ("coupon.delete", {"epin": "1005"}),
+    ("coupon.create", {}),
 ]
 
 
+@pytest.mark.parametrize("sent_ago", [5.0, GRACE_S + 1], ids=["just-sent", "long-ago"])
 @pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
-@pytest.mark.parametrize(
-    ("type_", "data", "if_not_applied"), RECOVERABLE, ids=[t for t, _, _ in RECOVERABLE]
-)
+@pytest.mark.parametrize(("type_", "data"), RECOVERABLE, ids=[t for t, _ in RECOVERABLE])
 async def test_recover_never_resends(
     handler: CouponCommandHandler,
     upstream: Upstream,
     state: EpinSandbox,
     type_: str,
     data: dict[str, Any],
-    if_not_applied: Outcome | None,
     applied: bool,
+    sent_ago: float,
 ) -> None:
     if type_ == "coupon.create":
         data = create_data(new_form_key(state))
+    cmd = command(type_, data)
+    # The instance that died had kept its before-image with the recovery point.
+    image = await before_image(handler, cmd)
     if applied:
         apply_directly(state, type_, data)
     before = totals(state)
     calls_before = dict(state.calls)
+    upstream.requests.clear()
 
-    result = await handler.recover(command(type_, data), ACCOUNT)
+    result = await handler.recover(cmd, ACCOUNT, SentCall(time.time() - sent_ago, image))
 
-    if applied and type_ == "coupon.create":
-        # Without a count taken before the call, a creation in the history cannot be told
-        # from an identical one made earlier: it stays for the ledger to reconcile.
-        assert result.outcome is Outcome.INDETERMINATE, result
-    elif applied:
+    if applied:
         assert result.outcome is Outcome.SUCCEEDED, result
         assert extras(result)["reconciled"] is True
         assert result.message is not None and result.message.startswith("reconciled:")
-    elif if_not_applied is None:
-        # Nothing in the history: it cannot tell whether the call will still show up.
+    elif sent_ago < GRACE_S:
+        # Not applied so far, but the call may still be under way at the API.
         assert (result.outcome, result.reason) == (Outcome.INDETERMINATE, "upstream_unavailable")
     else:
-        assert (result.outcome, result.reason) == (if_not_applied, "upstream_unavailable")
+        assert (result.outcome, result.reason) == (Outcome.FAILED, "upstream_unavailable")
     assert result.upstream.attempts == 0
     # Nothing was sent again: only reads (and a refund-status query) went out.
     for route in ("transfer", "share", "create"):
@@ -772,7 +786,9 @@ async def test_recover_never_resends(
 async def test_recover_of_a_safe_command_sends_it(
     handler: CouponCommandHandler, upstream: Upstream
 ) -> None:
-    result = await handler.recover(command("coupon.refund_status", {"epin": "1015"}), ACCOUNT)
+    result = await handler.recover(
+        command("coupon.refund_status", {"epin": "1015"}), ACCOUNT, SentCall()
+    )
     assert result.outcome is Outcome.SUCCEEDED
     assert extras(result)["refund_status"] == "refunded"
     assert result.upstream.attempts == 1
@@ -783,7 +799,7 @@ async def test_recover_when_the_upstream_is_unreachable(
 ) -> None:
     upstream.fault(LOGIN, "refuse", "refuse", "refuse")
     result = await handler.recover(
-        command("coupon.transfer", {"user": NIC, "epin": "1001"}), ACCOUNT
+        command("coupon.transfer", {"user": NIC, "epin": "1001"}), ACCOUNT, LONG_AGO
     )
     assert result.outcome is Outcome.INDETERMINATE
     assert upstream.keys() == [LOGIN]
@@ -806,13 +822,18 @@ def indeterminate(cmd: CommandEnvelope) -> ResultData:
 async def test_settle_returns_none_while_it_cannot_tell(
     handler: CouponCommandHandler, upstream: Upstream, state: EpinSandbox
 ) -> None:
+    # Nothing from before the call: history and balance cannot be told apart from earlier.
     create = command("coupon.create", create_data(new_form_key(state)))
-    assert await handler.settle(create, indeterminate(create)) is None
+    assert await handler.settle(create, indeterminate(create), LONG_AGO) is None
     share = command("coupon.share", {"email": "a@example.cy", "epin": "1003", "share_amount": "2"})
-    assert await handler.settle(share, indeterminate(share)) is None
+    assert await handler.settle(share, indeterminate(share), LONG_AGO) is None
     upstream.fault(ACTIVE, "refuse")
     transfer = command("coupon.transfer", {"user": NIC, "epin": "1001"})
-    assert await handler.settle(transfer, indeterminate(transfer)) is None
+    assert await handler.settle(transfer, indeterminate(transfer), LONG_AGO) is None
+    # Not applied so far, but just sent: it may still show up.
+    delete = command("coupon.delete", {"epin": "1005"})
+    young = SentCall(time.time() - 5, await before_image(handler, delete))
+    assert await handler.settle(delete, indeterminate(delete), young) is None
     assert state.calls["create"] == state.calls["share"] == state.calls["transfer"] == 0
 
 
@@ -820,8 +841,9 @@ async def test_settle_returns_the_decision_once_it_can_tell(
     handler: CouponCommandHandler, state: EpinSandbox
 ) -> None:
     transfer = command("coupon.transfer", {"user": NIC, "epin": "1001"})
+    image = await before_image(handler, transfer)
     apply_directly(state, "coupon.transfer", {"user": NIC, "epin": "1001"})
-    settled = await handler.settle(transfer, indeterminate(transfer))
+    settled = await handler.settle(transfer, indeterminate(transfer), SentCall(time.time(), image))
     assert settled is not None
     assert settled.outcome is Outcome.SUCCEEDED
     assert (settled.command_id, settled.command_type) == ("cmd-1", "coupon.transfer")
@@ -829,17 +851,32 @@ async def test_settle_returns_the_decision_once_it_can_tell(
     assert extras(settled) == {"epin": "1001", "user": NIC, "reconciled": True}
 
     delete = command("coupon.delete", {"epin": "1005"}, id_="cmd-2")
-    settled = await handler.settle(delete, indeterminate(delete))
+    image = await before_image(handler, delete)
+    settled = await handler.settle(delete, indeterminate(delete), SentCall(LONG_AGO.at, image))
     assert settled is not None and settled.outcome is Outcome.FAILED  # known not applied
 
     data = create_data(new_form_key(state))
     create = command("coupon.create", data, id_="cmd-3")
+    image = await before_image(handler, create)
     apply_directly(state, "coupon.create", data)
-    # No count from before the call: an identical earlier creation could be taken for it.
-    assert await handler.settle(create, indeterminate(create)) is None
+    settled = await handler.settle(create, indeterminate(create), SentCall(time.time(), image))
+    assert settled is not None and settled.outcome is Outcome.SUCCEEDED
     # Only reads went out (the refund status is a DELETE without `status`).
-    assert state.calls["transfer"] == state.calls["create"] == 0
+    assert state.calls["transfer"] == 0
     assert coupon(state, 1005).deletes == 0
+
+
+async def test_a_share_identical_to_an_earlier_one_is_not_taken_for_it(
+    handler: CouponCommandHandler, upstream: Upstream, state: EpinSandbox
+) -> None:
+    data = {"email": "a@example.cy", "epin": "1003", "share_amount": "2"}
+    first = await handler.handle(command("coupon.share", data, id_="first"), ACCOUNT)
+    assert first.outcome is Outcome.SUCCEEDED
+    # The same share again, a moment later: it never reaches the API, its answer is lost.
+    upstream.fault(SHARE, "vanish")
+    second = await handler.handle(command("coupon.share", data, id_="second"), ACCOUNT)
+    assert second.outcome is Outcome.INDETERMINATE, second  # the first is not taken for it
+    assert coupon(state, 1003).shares == 1
 
 
 # --- bugs ----------------------------------------------------------------------------------------

@@ -429,6 +429,75 @@ async def test_a_lane_cancelled_outside_a_drain_starts_again(
     assert processor.done_offsets() == [0, 1]
 
 
+async def test_a_job_runs_in_its_keys_lane_between_its_records(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    processor = Processor()
+    gate = processor.gate(0)
+    dispatcher, _ = setup(processor)
+    consumer = FakeConsumer(TP0)
+    # Not assigned to this instance (yet): the job is for the partition's owner.
+    assert not dispatcher.submit_job(TP0.topic, TP0.partition, b"a", _noop)
+    await dispatcher.listener.on_partitions_assigned([TP0])
+    order: list[str] = []
+
+    async def job() -> None:
+        order.append(f"job after {[r.offset for r in processor.done]}")
+
+    await submit_all(dispatcher, consumer, [rec(0, "a")])
+    assert dispatcher.submit_job(TP0.topic, TP0.partition, b"a", job)
+    await submit_all(dispatcher, consumer, [rec(1, "a"), rec(2, "b")])
+    await wait_until(lambda: processor.done_offsets() == [2])  # another key is not held up
+    assert order == []  # the job waits for the record before it
+    gate.set()
+    await wait_until(lambda: consumer.committed(TP0) == 3)
+    assert order == ["job after [2, 0]"]  # after record 0, before record 1
+    assert processor.done_offsets() == [2, 0, 1]
+
+
+async def test_a_job_that_fails_does_not_stop_its_lane(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    dispatcher, _ = setup()
+    consumer = FakeConsumer(TP0)
+    await dispatcher.listener.on_partitions_assigned([TP0])
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    assert dispatcher.submit_job(TP0.topic, TP0.partition, b"a", broken)
+    await submit_all(dispatcher, consumer, [rec(0, "a")])
+    await wait_until(lambda: consumer.committed(TP0) == 1)
+
+
+async def test_a_revoked_partition_takes_no_jobs_and_drops_those_not_started(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    processor = Processor()
+    gate = processor.gate(0)
+    dispatcher, _ = setup(processor)
+    consumer = FakeConsumer(TP0)
+    await dispatcher.listener.on_partitions_assigned([TP0])
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("job")
+
+    await submit_all(dispatcher, consumer, [rec(0, "a")])
+    assert dispatcher.submit_job(TP0.topic, TP0.partition, b"a", job)
+    revoking = asyncio.create_task(dispatcher.listener.on_partitions_revoked([TP0]))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await revoking
+    assert ran == []  # left for the next owner's settling
+    assert not dispatcher.submit_job(TP0.topic, TP0.partition, b"a", job)
+    assert consumer.committed(TP0) == 1
+
+
+async def _noop() -> None:
+    return None
+
+
 # -- intake --------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from voucher_bridge.once import Answered, BeforeSend, ExactlyOnce, Timing
+from voucher_bridge.once import Answered, BeforeSend, ExactlyOnce, SentCall, Timing
 from voucher_bridge.store.base import (
     Claim,
     ClaimKind,
@@ -24,7 +24,8 @@ from voucher_contracts import CommandEnvelope, Outcome, ResultData, content_hash
 SOURCE = "/stores/limassol-3/pos/till-1"
 KEY = b"till-1"
 T0 = 1_000_000.0
-TIMING = Timing(stale_after_s=15.0, busy_poll_s=0.005, settle_window_s=240.0, retention_s=3600.0)
+TIMING = Timing(stale_after_s=15.0, busy_poll_s=0.005, retention_s=3600.0)
+SETTLE_WINDOW_S = 240.0
 
 
 class Clock:
@@ -58,6 +59,9 @@ class FakeHandler:
     wait_after_send: bool = False
     # What settle() returns: a fixed outcome, or None (still cannot tell).
     settle_outcome: Outcome | None = None
+    # What handle() keeps with the recovery point, and what recover()/settle() were given.
+    before_image: str | None = None
+    sent_calls: list[Any] = field(default_factory=list)
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     sent: asyncio.Event = field(default_factory=asyncio.Event)
@@ -72,7 +76,7 @@ class FakeHandler:
         if self.fail_before_send is not None:
             raise self.fail_before_send
         if before_send is not None and command.type in self.money_moving:
-            await before_send()
+            await before_send(self.before_image)
             self.calls.append(("sent", command.id, record_key))
             self.sent.set()
         if self.gate is not None and self.wait_after_send:
@@ -81,12 +85,21 @@ class FakeHandler:
             raise self.fail_after_send
         return data(command, self.outcome, message=f"handled {len(self.calls)}")
 
-    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+    def settle_window(self, command_type: str) -> float:
+        return SETTLE_WINDOW_S
+
+    async def recover(
+        self, command: CommandEnvelope, record_key: str | None, sent: SentCall
+    ) -> ResultData:
         self.calls.append(("recover", command.id, record_key))
+        self.sent_calls.append(sent)
         return data(command, Outcome.SUCCEEDED, message="recovered")
 
-    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
+    async def settle(
+        self, command: CommandEnvelope, previous: ResultData, sent: SentCall
+    ) -> ResultData | None:
         self.calls.append(("settle", command.id, previous.outcome.value))
+        self.sent_calls.append(sent)
         if self.settle_outcome is None:
             return None
         return data(command, self.settle_outcome, message="settled")
@@ -201,11 +214,13 @@ def scan(id_: str = "cmd-2") -> CommandEnvelope:
 
 
 async def stranded(
-    make: Make, command: CommandEnvelope, after_send: bool
+    make: Make, command: CommandEnvelope, after_send: bool, before_image: str | None = None
 ) -> tuple[ExactlyOnce, FakeHandler]:
     """`command` claimed by an instance that died in its handler (before or after the send):
     its task is gone, and a dead process gives nothing back (no release)."""
-    handler = FakeHandler(gate=asyncio.Event(), wait_after_send=after_send)
+    handler = FakeHandler(
+        gate=asyncio.Event(), wait_after_send=after_send, before_image=before_image
+    )
     dead = await make(handler, crashing=True)
     task = asyncio.create_task(dead.execute(command, KEY))
     await asyncio.wait_for(handler.entered.wait(), 5)
@@ -452,6 +467,8 @@ async def test_settle_publishes_the_definitive_result_once(make: Make, clock: Cl
     assert answered.data.supersedes == first.result_id == result_id(SOURCE, "cmd-1")
     assert answered.result_id == result_id(SOURCE, "cmd-1", 1)
     assert handler.calls[-1] == ("settle", "cmd-1", "indeterminate")
+    # When the call went out; nothing of the key ran here since.
+    assert handler.sent_calls[-1] == SentCall(T0, None, followed=False)
 
     assert await once.settle(published) == 0
     assert len(published.items) == 1
@@ -468,7 +485,7 @@ async def test_settle_waits_while_the_upstream_cannot_tell(make: Make, clock: Cl
     published = Published()
     for _ in range(3):
         clock.now += 60
-        assert await once.settle(published) == 0
+        await once.settle(published)
     assert published.items == []
     assert handler.called("settle") == 3
     [pending] = await once.store.unsettled(limit=10)
@@ -476,24 +493,33 @@ async def test_settle_waits_while_the_upstream_cannot_tell(make: Make, clock: Cl
     assert await once.execute(redeem(), KEY) == first
 
 
-async def test_settle_outside_the_window_gives_up_quietly(make: Make, clock: Clock) -> None:
+async def test_the_before_image_reaches_recover_and_settle(make: Make, clock: Clock) -> None:
+    command = redeem()
+    await stranded(make, command, after_send=True, before_image='{"held": true}')
+    clock.now += TIMING.stale_after_s + 1
+    handler = FakeHandler()
+    await (await make(handler)).execute(command, KEY)
+    assert handler.sent_calls == [SentCall(T0, '{"held": true}')]
+
+
+async def test_outside_the_window_it_is_left_to_an_operator(make: Make, clock: Clock) -> None:
     handler = FakeHandler(settle_outcome=Outcome.SUCCEEDED)
     once, first = await indeterminate(make, handler)
     published = Published()
-    clock.now += TIMING.settle_window_s + 1
-    assert await once.settle(published) == 0
-    assert published.items == []
+    clock.now += SETTLE_WINDOW_S + 1
+    await once.settle(published)
     assert handler.called("settle") == 0  # the upstream can no longer tell
+    [(_, _, answered)] = published.items
+    assert (answered.data.outcome, answered.data.reason) == (Outcome.INDETERMINATE, "unsettled")
+    assert answered.data.supersedes == first.result_id
+    assert answered.result_id == result_id(SOURCE, "cmd-1", 1)
     assert await once.store.unsettled(limit=10) == []
-    again = await once.execute(redeem(), KEY)
-    assert again.data == first.data  # still indeterminate: the ledger reconciles it
-
-
-async def test_giving_up_keeps_the_result_id(make: Make, clock: Clock) -> None:
-    once, first = await indeterminate(make, FakeHandler())
-    clock.now += TIMING.settle_window_s + 1
-    await once.settle(Published())
-    assert await once.execute(redeem(), KEY) == first
+    [waiting] = await once.store.needing_operator(limit=10)
+    assert waiting.key.id == "cmd-1" and waiting.revision == 1
+    assert await once.execute(redeem(), KEY) == answered
+    # Kept past the retention until an operator has decided.
+    clock.now += TIMING.retention_s * 2
+    assert await once.purge() == 0
 
 
 async def test_purge_after_retention(make: Make, clock: Clock) -> None:
@@ -724,3 +750,106 @@ async def test_a_handler_that_hangs_is_cancelled_at_the_commands_bound(
     unsettled = await once.store.unsettled(limit=10)
     assert len(unsettled) == (1 if outcome is Outcome.INDETERMINATE else 0)
     assert (await once.execute(command, KEY)).replayed
+
+
+# -- safe forgetting and settling in order (issue 11) ---------------------------------------------
+
+
+def _aged(command: CommandEnvelope, seconds: float) -> CommandEnvelope:
+    from datetime import UTC, datetime
+
+    happened = datetime.fromtimestamp(T0 - seconds, UTC)
+    return command.model_copy(update={"time": happened})
+
+
+async def test_a_command_older_than_the_retention_is_rejected_never_sent(make: Make) -> None:
+    from voucher_bridge.once import Origin
+
+    handler = FakeHandler()
+    once = await make(handler)
+    old = _aged(redeem("old"), TIMING.retention_s + 1)
+    answered = await once.execute(old, KEY)
+    assert (answered.data.outcome, answered.data.reason) == (Outcome.REJECTED, "command_expired")
+    # Without a `time`, the record's own timestamp tells its age.
+    by_record = await once.execute(
+        redeem("by-record"), KEY, Origin("t", 0, int((T0 - TIMING.retention_s - 1) * 1000))
+    )
+    assert by_record.data.reason == "command_expired"
+    young = await once.execute(_aged(redeem("young"), TIMING.retention_s - 1), KEY)
+    assert young.data.outcome is Outcome.SUCCEEDED
+    assert handler.called("handle") == 1
+
+
+async def test_an_old_command_already_answered_is_answered_the_same(
+    make: Make, clock: Clock
+) -> None:
+    handler = FakeHandler()
+    once = await make(handler)
+    command = _aged(redeem(), 10)
+    first = await once.execute(command, KEY)
+    clock.now += TIMING.retention_s  # still in the store (purge not run)
+    assert await once.execute(command, KEY) == first
+
+
+async def test_an_old_command_resumed_from_sent_is_recovered_not_rejected(
+    make: Make, clock: Clock
+) -> None:
+    command = _aged(redeem(), TIMING.retention_s - 5)
+    await stranded(make, command, after_send=True)
+    clock.now += TIMING.stale_after_s + 1  # past the retention now, and the owner dead
+    handler = FakeHandler()
+    answered = await (await make(handler)).execute(command, KEY)
+    assert answered.data.message == "recovered"
+
+
+async def test_settling_runs_as_a_job_in_the_keys_lane_where_it_is_owned(
+    make: Make, clock: Clock
+) -> None:
+    from voucher_bridge.once import Origin
+
+    handler = FakeHandler(outcome=Outcome.INDETERMINATE, settle_outcome=Outcome.SUCCEEDED)
+    once = await make(handler)
+    await once.execute(redeem(), KEY, Origin("pos.commands", 3, None))
+    jobs: list[tuple[str, int, bytes | None, Any]] = []
+    owned = False
+
+    def schedule(topic: str, partition: int, key: bytes | None, job: Any) -> bool:
+        if owned:
+            jobs.append((topic, partition, key, job))
+        return owned
+
+    once._schedule = schedule
+    published = Published()
+    assert await once.settle(published) == 0  # not this instance's partition: nothing
+    owned = True
+    assert await once.settle(published) == 1
+    assert await once.settle(published) == 0  # queued already
+    [(topic, partition, key, job)] = jobs
+    assert (topic, partition, key) == ("pos.commands", 3, KEY)
+    assert handler.called("settle") == 0  # not run beside the lane, only in it
+    await job()
+    assert handler.called("settle") == 1 and len(published.items) == 1
+
+
+async def test_two_instances_settle_a_result_once(make: Make, clock: Clock) -> None:
+    gate = asyncio.Event()
+
+    class Slow(FakeHandler):
+        async def settle(
+            self, command: CommandEnvelope, previous: ResultData, sent: SentCall
+        ) -> ResultData | None:
+            await gate.wait()
+            return await super().settle(command, previous, sent)
+
+    one = Slow(outcome=Outcome.INDETERMINATE, settle_outcome=Outcome.SUCCEEDED)
+    two = Slow(outcome=Outcome.INDETERMINATE, settle_outcome=Outcome.SUCCEEDED)
+    first = await make(one)
+    await first.execute(redeem(), KEY)
+    second = await make(two)
+    published = Published()
+    both = asyncio.gather(first.settle(published), second.settle(published))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await both
+    assert one.called("settle") + two.called("settle") == 1
+    assert len(published.items) == 1

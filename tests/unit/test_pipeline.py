@@ -56,7 +56,9 @@ class ScriptedExecutor:
     extra: dict[str, Any] = field(default_factory=dict)
     fail: Exception | None = None
 
-    async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered:
+    async def execute(
+        self, command: CommandEnvelope, record_key: bytes | None, origin: Any = None
+    ) -> Answered:
         if self.fail is not None:
             raise self.fail
         data = ResultData(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, cast
@@ -16,6 +17,7 @@ from pydantic import SecretStr
 
 from voucher_bridge.evoucher.client import EvoucherClient, InMemorySessions, Route
 from voucher_bridge.evoucher.handler import PosCommandHandler
+from voucher_bridge.once import SentCall
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, RetryPolicy
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, decode_command
 
@@ -66,6 +68,16 @@ def handler_for(
     client = FakeClient(list(script))
     policy = RecordingPolicy(attempts=attempts)
     return PosCommandHandler(cast(EvoucherClient, client), policy), client, policy
+
+
+def indeterminate_of(command: CommandEnvelope) -> ResultData:
+    return ResultData(
+        command_id=command.id,
+        command_source=command.source,
+        command_type=command.type,
+        outcome=Outcome.INDETERMINATE,
+        reason="upstream_unavailable",
+    )
 
 
 def command(type_: str, data: Any, subject: str = TERMINAL, id_: str = "cmd-1") -> CommandEnvelope:
@@ -464,11 +476,50 @@ async def test_lost_redeem_answer_reconciled_as_redeemed_is_succeeded() -> None:
     assert [call[1] for call in client.calls] == [Route.REDEEM, Route.SCAN, Route.SCAN]
 
 
-async def test_lost_redeem_answer_reconciled_as_not_redeemed_is_failed() -> None:
+async def test_lost_redeem_answer_not_redeemed_yet_is_indeterminate_not_failed() -> None:
+    # The shop may still be applying the redeem that timed out: no `failed` on one read.
     handler, client, _ = handler_for(CallOutcomeUnknown("x"), HELD, HELD)
     result = await handler.handle(REDEEM, TERMINAL)
-    assert (result.outcome, result.reason) == (Outcome.FAILED, "upstream_unavailable")
+    assert (result.outcome, result.reason) == (Outcome.INDETERMINATE, "upstream_unavailable")
+    assert extras(result)["voucher_states"] == {
+        "12345678": "not_redeemed",
+        "12345679": "not_redeemed",
+    }
     assert len(redeems(client)) == 1
+
+
+async def test_not_redeemed_past_the_grace_is_failed() -> None:
+    handler, client, _ = handler_for(HELD, HELD, HELD, HELD)
+    handler._apply_grace_s = 120.0
+    young = await handler.settle(REDEEM, indeterminate_of(REDEEM), SentCall(time.time() - 60))
+    assert young is None  # still may be under way at the shop
+    old = await handler.settle(REDEEM, indeterminate_of(REDEEM), SentCall(time.time() - 121))
+    assert old is not None and (old.outcome, old.reason) == (
+        Outcome.FAILED,
+        "upstream_unavailable",
+    )
+    assert extras(old)["reconciled"] is True
+    assert redeems(client) == []  # never sent again
+
+
+async def test_settling_within_the_grace_reads_only_while_the_till_is_at_that_bill() -> None:
+    # The till has moved on: a scan would lock the old vouchers into its newer bill; wait.
+    handler, client, _ = handler_for(REDEEMED, REDEEMED_2)
+    young = SentCall(time.time() - 5, followed=True)
+    assert await handler.settle(REDEEM, indeterminate_of(REDEEM), young) is None
+    assert client.calls == []
+    # Still at the redeem's bill: the scans are read as they are (and nothing is removed).
+    at_the_bill = SentCall(time.time() - 5, followed=False)
+    settled = await handler.settle(REDEEM, indeterminate_of(REDEEM), at_the_bill)
+    assert settled is not None and settled.outcome is Outcome.SUCCEEDED
+    assert [route for _, route, _ in client.calls] == [Route.SCAN, Route.SCAN]
+
+
+async def test_settling_within_the_grace_never_removes_what_the_redeem_may_still_take() -> None:
+    handler, client, _ = handler_for(HELD, HELD)
+    at_the_bill = SentCall(time.time() - 5, followed=False)
+    assert await handler.settle(REDEEM, indeterminate_of(REDEEM), at_the_bill) is None
+    assert Route.REMOVE not in [route for _, route, _ in client.calls]
 
 
 async def test_lost_redeem_answer_half_redeemed_stays_indeterminate() -> None:
@@ -480,6 +531,6 @@ async def test_lost_redeem_answer_half_redeemed_stays_indeterminate() -> None:
 
 async def test_recover_never_sends_the_redeem_again() -> None:
     handler, client, _ = handler_for(REDEEMED, REDEEMED_2)
-    result = await handler.recover(REDEEM, TERMINAL)
+    result = await handler.recover(REDEEM, TERMINAL, SentCall(time.time() - 5))
     assert result.outcome is Outcome.SUCCEEDED
     assert redeems(client) == []

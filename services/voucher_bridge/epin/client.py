@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
+from voucher_bridge.epin.decisions import facility_disabled
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
 
 
@@ -82,6 +83,7 @@ class EpinClient:
         self._slots = asyncio.Semaphore(max_connections)
         self.logins = 0  # how many times an account logged in (for tests and metrics)
         self.refreshes = 0
+        self.renewals = 0  # calls sent again with a fresh token after a 401
 
     def knows(self, account: str) -> bool:
         return account in self._accounts and self._api_key is not None
@@ -95,7 +97,13 @@ class EpinClient:
         params: Mapping[str, str] | None = None,
         form: Mapping[str, str] | None = None,
     ) -> Answer:
-        """One call as `account`, renewing its access token once if the API says it expired.
+        """One call as `account`, renewing its access token once if the API refuses it.
+
+        Any 401 but "Coupon facility is disabled" is taken for a refused token: the vendor does
+        not document that body (SimpleJWT says `token_not_valid`, the API's own envelope only
+        `errors.detail`), and a token can be refused before its `exp` (revoked, a rotated key,
+        clock skew). The request was refused before anything happened, so it is sent once more
+        with a fresh token; a second 401 is the caller's to decide (`unauthorized`).
 
         Raises Unauthorized when the credentials are refused, CallNotSent / CallOutcomeUnknown
         like the eVOUCHER client.
@@ -103,9 +111,8 @@ class EpinClient:
         tokens = self._tokens.setdefault(account, _Tokens())
         access = await self._token(account, tokens)
         answer = await self._send(method, path, access, params=params, form=form)
-        if answer.status == 401 and _token_not_valid(answer.body):
-            # Expired (or revoked) access token: the request was refused before anything
-            # happened, so it is safe to send again once, with a fresh token.
+        if answer.status == 401 and not facility_disabled(answer.body):
+            self.renewals += 1
             access = await self._token(account, tokens, stale=access)
             answer = await self._send(method, path, access, params=params, form=form)
         return answer
@@ -250,11 +257,6 @@ class EpinClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-
-def _token_not_valid(body: dict[str, Any] | None) -> bool:
-    """The Django REST SimpleJWT answer to an expired or invalid access token."""
-    return body is not None and body.get("code") == "token_not_valid"
 
 
 def _expiry(token: str) -> float | None:

@@ -92,7 +92,7 @@ def decide(
 ) -> Decision:
     """What the answer means; `listed` holds every page's results for a paginated list."""
     body = answer.body or {}
-    if answer.status == 401 and FACILITY_DISABLED in all_text(body):
+    if answer.status == 401 and facility_disabled(body):
         return Decision(Outcome.REJECTED, "facility_disabled", _first_message(body))
     if answer.status in (401, 403):
         return Decision(Outcome.FAILED, "unauthorized", _first_message(body))
@@ -175,6 +175,12 @@ def _all_text(value: Any) -> list[str]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _all_text(v)]
     return []
+
+
+def facility_disabled(body: dict[str, Any] | None) -> bool:
+    """The documented 401 of a disabled coupon facility (every other 401 is a refused token
+    or refused credentials)."""
+    return FACILITY_DISABLED in all_text(body)
 
 
 def all_text(body: dict[str, Any] | None) -> str:

@@ -1,25 +1,29 @@
 """Handle one `coupon.*` command: validate, call the Epin API as the account, decide.
 
 Transfer, share, create and delete move value and are not idempotent upstream: each is sent
-at most once after it may have reached the API. When its answer is lost, the handler finds out
-what happened where the API lets it tell: the active list (is the coupon still ours?), the
-refund status (was it deleted?), the coupon's balance before and after (was the share taken
-off?), the history (was the share or the creation recorded?); else it stays `indeterminate`.
+at most once after it may have reached the API. Just before one goes out, the handler reads
+what the API says (the before-image, kept with the recovery point); when its answer is lost, it
+compares what the API says now: the active list (was the coupon ours, is it still?), the refund
+status, the share and creation counts in the history and the coupon's balance (an identical
+action made earlier is never taken for this one). A read that shows the call applied is
+`succeeded`; one that shows it not applied is `failed` only once the call can no longer be under
+way at the API (`apply_grace_s` after it went out), and `indeterminate` until then.
 `coupon.create` carries a single-use `form_key`: a create that may have arrived is never sent
 again, so the key is never burnt by a retry of ours.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from voucher_bridge.epin.client import EpinClient, Unauthorized
 from voucher_bridge.epin.decisions import MONEY_MOVING, PAGINATED, decide, request_for
-from voucher_bridge.once import BeforeSend
+from voucher_bridge.once import BeforeSend, SentCall
 from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
     Answer,
@@ -44,9 +48,24 @@ from voucher_contracts.coupon import (
 class CouponCommandHandler:
     money_moving = MONEY_MOVING
 
-    def __init__(self, client: EpinClient, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        client: EpinClient,
+        retry: RetryPolicy | None = None,
+        *,
+        apply_grace_s: float = 120.0,
+        settle_window_s: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()
+        self._apply_grace_s = apply_grace_s
+        self._settle_window_s = settle_window_s
+        self._clock = clock
+
+    def settle_window(self, command_type: str) -> float:
+        # The history keeps every action, but an answer this old is an operator's to find.
+        return self._settle_window_s
 
     async def handle(
         self,
@@ -55,7 +74,6 @@ class CouponCommandHandler:
         before_send: BeforeSend | None = None,
     ) -> ResultData:
         started = time.monotonic()
-        since = time.time()
         data, answered = precheck(
             command,
             record_key,
@@ -77,11 +95,14 @@ class CouponCommandHandler:
             )
             return answer, None
 
+        sent_at = self._clock()
         try:
-            # What the API says now, so that a lost answer can be told apart later.
-            before = await self._before(account, data, since) if moves_money else _Before()
+            # What the API says now, so that a lost answer can be told apart later: kept with
+            # the recovery point, for whoever settles it.
+            before = await self._before(account, data) if moves_money else _Before()
             if moves_money and before_send is not None:
-                await before_send()
+                await before_send(before.as_json())
+            sent_at = self._clock()
             tried = await call_with_retries(
                 send, lambda sent: sent[0].status, moves_money=moves_money, retry=self._retry
             )
@@ -92,7 +113,7 @@ class CouponCommandHandler:
         attempts, may_have_reached = tried.attempts, tried.may_have_reached
         decision = self._decision(command.type, data, answer, listed, may_have_reached)
         if decision.outcome is Outcome.INDETERMINATE and moves_money:
-            decision = await self._reconcile(account, data, decision, before, since)
+            decision = await self._reconcile(account, data, decision, before, sent_at)
         return result(command, decision, _report(attempts, answer, started))
 
     def _decision(
@@ -109,10 +130,12 @@ class CouponCommandHandler:
             )
         return decide(command_type, data, answer, listed)
 
-    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+    async def recover(
+        self, command: CommandEnvelope, record_key: str | None, sent: SentCall
+    ) -> ResultData:
         """A previous instance died after a value-moving call may have gone out: never send
         it again; find out what happened instead."""
-        data = COUPON_COMMAND_TYPES[command.type].model_validate(command.data or {})
+        data = _data(command)
         if command.type not in MONEY_MOVING:
             return await self.handle(command, record_key)  # safe to send again
         unknown = Decision(
@@ -121,38 +144,53 @@ class CouponCommandHandler:
             "the service stopped while the call was under way",
         )
         started = time.monotonic()
-        since = command.time.timestamp() if command.time else time.time() - 3600
-        decision = await self._reconcile(command.subject, data, unknown, _Before(), since)  # type: ignore[arg-type]
+        decision = await self._reconcile(
+            command.subject, data, unknown, _Before.from_json(sent.before), sent.at
+        )
         return result(command, decision, _report(0, None, started))
 
-    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
-        data = COUPON_COMMAND_TYPES[command.type].model_validate(command.data or {})
+    async def settle(
+        self, command: CommandEnvelope, previous: ResultData, sent: SentCall
+    ) -> ResultData | None:
+        data = _data(command)
         unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
-        since = command.time.timestamp() if command.time else time.time() - 3600
-        decision = await self._reconcile(command.subject, data, unknown, _Before(), since)  # type: ignore[arg-type]
+        decision = await self._reconcile(
+            command.subject, data, unknown, _Before.from_json(sent.before), sent.at
+        )
         if decision.outcome is Outcome.INDETERMINATE:
             return None
         return result(command, decision, previous.upstream)
 
     # -- finding out what happened --------------------------------------------------------------
 
-    async def _before(self, account: str, data: CouponCommandData, since: float) -> _Before:
+    async def _before(self, account: str, data: CouponCommandData) -> _Before:
+        """What the API says before a value-moving call; a part it cannot read stays None (a
+        lost answer is then told from the other parts, or not at all)."""
+        at = self._clock()
         try:
             match data:
-                case Share(epin=epin):
-                    return _Before(balance=await self._balance_or_none(account, epin))
+                case Share(epin=epin, share_amount=amount):
+                    return _Before(
+                        at=at,
+                        balance=await self._balance_or_none(account, epin),
+                        shares=await self._history_count(
+                            account, "share", epin=epin, amount=amount
+                        ),
+                    )
                 case Transfer(epin=epin):
                     coupons = await self._active(account)
                     held = None if coupons is None else any(_is(c, epin) for c in coupons)
-                    return _Before(held=held)
+                    return _Before(at=at, held=held)
+                case Delete(epin=epin):
+                    return _Before(at=at, refund=await self._refund_status(account, epin))
                 case Create(wallet_type=wallet, epin_amount=amount):
                     created = await self._history_count(
-                        account, "create", since, wallet=wallet, amount=money(amount)
+                        account, "create", wallet=wallet, amount=amount
                     )
-                    return _Before(created=created)
+                    return _Before(at=at, created=created)
         except (CallNotSent, CallOutcomeUnknown):
-            pass  # no before-image: a lost answer is then told from the history, or not at all
-        return _Before()
+            pass
+        return _Before(at=at)
 
     async def _reconcile(
         self,
@@ -160,8 +198,12 @@ class CouponCommandHandler:
         data: CouponCommandData,
         unknown: Decision,
         before: _Before,
-        since: float,
+        sent_at: float | None,
     ) -> Decision:
+        """What the API says now against what it said before. `succeeded` needs a read that
+        shows the call applied; `failed` needs a read that shows it not applied once the call
+        can no longer be under way at the API (`apply_grace_s` after it went out): until then
+        a lost answer stays `indeterminate`, with what was seen."""
         try:
             match data:
                 case Transfer(epin=epin, user=user):
@@ -169,46 +211,86 @@ class CouponCommandHandler:
                     if coupons is None:
                         return unknown
                     if any(_is(c, epin) for c in coupons):
-                        return _not_applied("the coupon is still in the account")
-                    # Gone from the list: ours if it was there before, or if the history says
-                    # it was transferred (a coupon can also leave by a delete or by emptying).
-                    if before.held or await self._in_history(account, "transfer", since, epin=epin):
+                        return self._not_applied(
+                            unknown, sent_at, "the coupon is still in the account"
+                        )
+                    # Gone from the list: ours if it was there just before the call (a coupon
+                    # can also leave by a delete or by being used up, but no other command of
+                    # the account ran in between: they run one at a time).
+                    if before.held:
                         return _applied("the coupon left the account", {"epin": epin, "user": user})
                     return unknown
                 case Delete(epin=epin):
                     status = await self._refund_status(account, epin)
-                    if status == "refunded":
+                    if status == "refunded" and before.refund == "not_refunded":
                         return _applied("the coupon is refunded", {"epin": epin})
                     if status == "not_refunded":
-                        return _not_applied("the coupon is not refunded")
+                        return self._not_applied(unknown, sent_at, "the coupon is not refunded")
                     return unknown
                 case Share(epin=epin, share_amount=amount):
+                    # Counted against the history before the call: an identical share made
+                    # earlier is never taken for this one.
+                    shares = None
+                    if before.shares is not None:
+                        shares = await self._history_count(
+                            account, "share", epin=epin, amount=amount
+                        )
+                    if shares is not None and before.shares is not None:
+                        if shares - before.shares == 1:
+                            return _applied(
+                                "the share is in the history",
+                                {"epin": epin, "share_amount": amount},
+                            )
+                        if shares != before.shares:
+                            return unknown
+                    after = None
                     if before.balance is not None:
                         after = await self._balance_or_none(account, epin, gone_is_zero=True)
-                        if after == before.balance:
-                            return _not_applied("the coupon's balance did not change")
-                        if after == before.balance - amount:
+                        if after == before.balance - amount and shares is None:
                             return _applied(
                                 "the share was taken off the coupon's balance",
                                 {"epin": epin, "share_amount": amount, "balance": after},
                             )
-                    if await self._in_history(account, "share", since, epin=epin, amount=amount):
-                        return _applied("the share is in the history", {"epin": epin})
+                    unchanged = (shares is None or shares == before.shares) and (
+                        after is None or after == before.balance
+                    )
+                    if unchanged and (shares is not None or after is not None):
+                        return self._not_applied(
+                            unknown, sent_at, "neither the history nor the balance changed"
+                        )
                     return unknown
                 case Create(wallet_type=wallet, epin_amount=amount, number_of_pins=pins):
                     # Only with a count from before: an identical creation made earlier must
                     # not be taken for this one.
                     if before.created is None or not pins.isdigit():
                         return unknown
-                    now = await self._history_count(
-                        account, "create", since, wallet=wallet, amount=money(amount)
-                    )
+                    now = await self._history_count(account, "create", wallet=wallet, amount=amount)
                     if now is not None and now - before.created == int(pins):
                         return _applied("the coupons are in the history", {})
+                    if now == before.created:
+                        return self._not_applied(unknown, sent_at, "no coupon was created")
                     return unknown
         except (CallNotSent, CallOutcomeUnknown, Unauthorized):
             return unknown
         return unknown
+
+    def _not_applied(self, unknown: Decision, sent_at: float | None, seen: str) -> Decision:
+        """Not applied, as far as a read can tell now: `failed` once the call can no longer be
+        under way at the API, else still `indeterminate` (settled later)."""
+        if sent_at is not None and self._clock() - sent_at >= self._apply_grace_s:
+            return Decision(
+                Outcome.FAILED,
+                "upstream_unavailable",
+                f"reconciled: {seen} {self._apply_grace_s:g} s after the call; "
+                "the command may be sent again",
+                {"reconciled": True},
+            )
+        return Decision(
+            Outcome.INDETERMINATE,
+            unknown.reason,
+            f"{seen} so far; the call may still be under way at the API",
+            {"seen": seen},
+        )
 
     async def _active(self, account: str) -> list[dict[str, Any]] | None:
         answer, coupons = await self._client.call_all_pages(account, "user/get/active-epin/")
@@ -238,39 +320,28 @@ class CouponCommandHandler:
         status = data.get("refund_status") if isinstance(data, dict) else None
         return status if isinstance(status, str) else None
 
-    async def _history(
-        self, account: str, params: dict[str, str] | None = None
-    ) -> list[dict[str, Any]] | None:
-        answer, entries = await self._client.call_all_pages(account, "user/epin/history/", params)
-        return entries if answer.status == 200 else None
-
-    async def _in_history(
-        self, account: str, action: str, since: float, *, epin: str, amount: Decimal | None = None
-    ) -> bool:
-        entries = await self._history(account)
-        return any(
-            e.get("action") == action
-            and str(e.get("epin")) == epin
-            and (amount is None or money(e.get("amount")) == amount)
-            and _after(e.get("date"), since)
-            for e in entries or []
-        )
-
     async def _history_count(
-        self, account: str, action: str, since: float, *, wallet: str, amount: Decimal | None
+        self,
+        account: str,
+        action: str,
+        *,
+        wallet: str | None = None,
+        epin: str | None = None,
+        amount: Decimal | None = None,
     ) -> int | None:
-        # Only that wallet's history is read (the API filters by `wallet`); the entries are
-        # still checked here, whatever the filter did.
-        entries = await self._history(account, {"wallet": wallet})
-        if entries is None:
+        """How many entries of the account's history match; None when it cannot be read. The
+        API filters by `wallet` when given; the entries are still checked here."""
+        params = {"wallet": wallet} if wallet is not None else None
+        answer, entries = await self._client.call_all_pages(account, "user/epin/history/", params)
+        if answer.status != 200:
             return None
         return sum(
             1
             for e in entries
             if e.get("action") == action
-            and e.get("wallet_type") == wallet
-            and money(e.get("amount")) == amount
-            and _after(e.get("date"), since)
+            and (wallet is None or e.get("wallet_type") == wallet)
+            and (epin is None or str(e.get("epin")) == epin)
+            and (amount is None or money(e.get("amount")) == amount)
         )
 
 
@@ -278,9 +349,39 @@ class CouponCommandHandler:
 class _Before:
     """What the API said just before a value-moving call (None: it could not be read)."""
 
+    at: float | None = None  # when it was read
     balance: Decimal | None = None  # share: the coupon's balance
+    shares: int | None = None  # share: matching shares already in the history
     held: bool | None = None  # transfer: the coupon was in the account's active list
+    refund: str | None = None  # delete: the refund status
     created: int | None = None  # create: matching creations already in the history
+
+    def as_json(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.balance is not None:
+            fields["balance"] = str(self.balance)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> _Before:
+        """From the store (an older record, or none: nothing is known from before)."""
+        if not text:
+            return cls()
+        try:
+            fields = json.loads(text)
+        except ValueError:
+            return cls()
+        if not isinstance(fields, dict):
+            return cls()
+        known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("balance"), str):
+            known["balance"] = Decimal(known["balance"])
+        return cls(**known)
+
+
+def _data(command: CommandEnvelope) -> CouponCommandData:
+    model = COUPON_COMMAND_TYPES[command.type]
+    return cast(CouponCommandData, model.model_validate(command.data or {}))
 
 
 def _is(coupon: dict[str, Any], epin: str) -> bool:
@@ -291,28 +392,6 @@ def _applied(message: str, details: dict[str, Any]) -> Decision:
     return Decision(
         Outcome.SUCCEEDED, None, f"reconciled: {message}", {**details, "reconciled": True}
     )
-
-
-def _not_applied(message: str) -> Decision:
-    return Decision(
-        Outcome.FAILED,
-        "upstream_unavailable",
-        f"reconciled: {message}; the command may be sent again",
-        {"reconciled": True},
-    )
-
-
-def _after(value: Any, since: float) -> bool:
-    # A minute of slack for clocks that differ between us and the upstream.
-    if not isinstance(value, str):
-        return False
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp() >= since - 60
 
 
 def _report(attempts: int, answer: Answer | None, started: float) -> UpstreamReport:

@@ -1,14 +1,21 @@
-"""Handle one `pos.*` command: validate, call the eVOUCHER API, decide the outcome."""
+"""Handle one `pos.*` command: validate, call the eVOUCHER API, decide the outcome.
+
+A redeem whose answer is lost is reconciled by scanning its vouchers (safe to repeat while they
+stay locked to the till): all "already redeemed" proves it applied (`succeeded`); all still
+priced shows it not applied, but that is `failed` only once the redeem can no longer be under
+way at the shop (`apply_grace_s` after it went out), and `indeterminate` until then.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 
 from voucher_bridge.evoucher.client import EvoucherClient, Route
 from voucher_bridge.evoucher.decisions import MONEY_MOVING, decide, request_for
-from voucher_bridge.once import BeforeSend
+from voucher_bridge.once import BeforeSend, SentCall
 from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
     Answer,
@@ -22,11 +29,26 @@ from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Sca
 
 
 class PosCommandHandler:
-    def __init__(self, client: EvoucherClient, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        client: EvoucherClient,
+        retry: RetryPolicy | None = None,
+        *,
+        apply_grace_s: float = 120.0,
+        settle_window_s: float = 240.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()
+        self._apply_grace_s = apply_grace_s
+        self._settle_window_s = settle_window_s
+        self._clock = clock
 
     money_moving = MONEY_MOVING
+
+    def settle_window(self, command_type: str) -> float:
+        # A scan tells only while the vouchers stay locked to the till: 5 minutes upstream.
+        return self._settle_window_s
 
     async def handle(
         self,
@@ -49,7 +71,8 @@ class PosCommandHandler:
         terminal = command.subject
         route, body = request_for(terminal, data)
         if before_send is not None and command.type in MONEY_MOVING:
-            await before_send()
+            await before_send(None)  # the scans after are the evidence; nothing to keep
+        sent_at = self._clock()
         tried = await call_with_retries(
             lambda: self._client.call(terminal, route, body),
             lambda answer: answer.status,
@@ -64,13 +87,15 @@ class PosCommandHandler:
         )
         decision = _decision(command.type, data, answer, may_have_reached)
         if decision.outcome is Outcome.INDETERMINATE and isinstance(data, Redeem):
-            decision = await self._reconcile_redeem(terminal, data, decision)
+            decision = await self._reconcile_redeem(terminal, data, decision, sent_at)
             report = report.model_copy(
                 update={"elapsed_ms": int((time.monotonic() - started) * 1000)}
             )
         return result(command, decision, report)
 
-    async def recover(self, command: CommandEnvelope, record_key: str | None) -> ResultData:
+    async def recover(
+        self, command: CommandEnvelope, record_key: str | None, sent: SentCall
+    ) -> ResultData:
         """A previous instance died after a money-moving call may have gone out: never send it
         again; find out what happened instead."""
         data = POS_COMMAND_TYPES[command.type].model_validate(command.data or {})
@@ -82,25 +107,42 @@ class PosCommandHandler:
             "the service stopped while the redeem was under way",
         )
         started = time.monotonic()
-        decision = await self._reconcile_redeem(command.subject, data, unknown)
+        decision = await self._reconcile_redeem(command.subject, data, unknown, sent.at)
         report = UpstreamReport(elapsed_ms=int((time.monotonic() - started) * 1000))
         return result(command, decision, report)
 
-    async def settle(self, command: CommandEnvelope, previous: ResultData) -> ResultData | None:
-        """Try again to settle an indeterminate redeem; None while it still cannot be told."""
+    async def settle(
+        self, command: CommandEnvelope, previous: ResultData, sent: SentCall
+    ) -> ResultData | None:
+        """Try again to settle an indeterminate redeem; None while it still cannot be told.
+
+        A scan that finds a voucher unredeemed locks it to the till's bill of now. While the
+        redeem may still be under way, that is harmless only if the till is still at the
+        redeem's bill (nothing of it ran since): then the scans are read as they are. Once the
+        till has moved on, it waits out the grace, and then scans, concludes and removes each
+        voucher it found unredeemed again, so the till's newer bill is left as it was."""
         data = POS_COMMAND_TYPES[command.type].model_validate(command.data or {})
         if not isinstance(data, Redeem):
             return None
+        in_grace = sent.at is None or self._clock() - sent.at < self._apply_grace_s
+        if in_grace and sent.followed:
+            return None
         unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
-        # Later, the till has moved on to other bills: a scan that finds a voucher unredeemed
-        # has just locked it to the till's current bill, so release it again.
-        decision = await self._reconcile_redeem(command.subject, data, unknown, release=True)
+        decision = await self._reconcile_redeem(
+            command.subject, data, unknown, sent.at, release=not in_grace
+        )
         if decision.outcome is Outcome.INDETERMINATE:
             return None
         return result(command, decision, previous.upstream)
 
     async def _reconcile_redeem(
-        self, terminal: str, data: Redeem, unknown: Decision, *, release: bool = False
+        self,
+        terminal: str,
+        data: Redeem,
+        unknown: Decision,
+        sent_at: float | None,
+        *,
+        release: bool = False,
     ) -> Decision:
         """Ask the upstream about each code with a scan (a read that is safe to repeat while
         the codes are locked to this terminal): "already redeemed" means our redeem went
@@ -135,12 +177,21 @@ class PosCommandHandler:
                 "reconciled: every voucher is redeemed",
                 {"voucher_codes": list(data.voucher_codes), "reconciled": True},
             )
-        if all(state == "not_redeemed" for state in states.values()):
+        not_yet = all(state == "not_redeemed" for state in states.values())
+        if not_yet and sent_at is not None and self._clock() - sent_at >= self._apply_grace_s:
             return Decision(
                 Outcome.FAILED,
                 "upstream_unavailable",
-                "reconciled: no voucher was redeemed; the redeem may be sent again",
+                f"reconciled: no voucher was redeemed {self._apply_grace_s:g} s after the "
+                "redeem; it may be sent again",
                 {"voucher_codes": list(data.voucher_codes), "reconciled": True},
+            )
+        if not_yet:
+            return Decision(
+                Outcome.INDETERMINATE,
+                unknown.reason,
+                "no voucher redeemed so far; the redeem may still be under way at the shop",
+                {"voucher_states": states},
             )
         return Decision(
             Outcome.INDETERMINATE, unknown.reason, unknown.message, {"voucher_states": states}

@@ -12,7 +12,9 @@ Confluent Parallel Consumer's KEY mode:
 - on revocation, the partition's running records (and any queued below the highest of them)
   finish, bounded in time; its finished offsets are committed, and what was queued above them
   is left for the next owner;
-- on shutdown, the same for every partition.
+- on shutdown, the same for every partition;
+- a job (settling an earlier command of the key) runs in the key's lane like a record, between
+  its records, only on the instance the group gave the partition to.
 
 A record is finished only when `process` returns; `process` is expected to handle every
 failure of its own (dead letter, `failed` result). If it raises anyway (a bug), the record is
@@ -43,12 +45,25 @@ _ATTEMPTS = 5
 Process = Callable[[Record], Awaitable[None]]
 
 
+@dataclass(frozen=True, eq=False)
+class Job:
+    """Work for a key's lane that is not a record (settling an earlier command of the key):
+    it runs between the key's records, in the order it was added, and has no offset."""
+
+    run: Callable[[], Awaitable[None]]
+    topic: str
+    partition: int
+
+
 @dataclass(eq=False)
 class _Lane:
-    """The records of one key in one partition, processed in order by one task."""
+    """The records (and jobs) of one key in one partition, run in order by one task."""
 
-    records: deque[Record] = field(default_factory=deque)
+    items: deque[Record | Job] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
+
+    def records(self) -> int:
+        return sum(1 for item in self.items if not isinstance(item, Job))
 
 
 @dataclass(eq=False)
@@ -76,6 +91,7 @@ class KeyOrderedDispatcher:
         self._drain_timeout_s = drain_timeout_s
         self._commit_timeout_s = commit_timeout_s
         self._partitions: dict[TopicPartition, _Partition] = {}
+        self._assigned: set[TopicPartition] = set()  # by the group, as of the last rebalance
         self._consumer: AIOKafkaConsumer | None = None
         self._in_flight = 0
         self._paused = False
@@ -109,13 +125,32 @@ class KeyOrderedDispatcher:
         if self._in_flight >= self._max_in_flight and not self._paused:
             self._paused = True
             consumer.pause(*consumer.assignment())
+        self._enqueue(partition, record.key, record)
+
+    def submit_job(
+        self, topic: str, partition: int, key: bytes | None, job: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Run `job` in the lane of `key`, after what the lane holds now; False when the group
+        has not given this instance that partition (the job is for its owner)."""
+        tp = TopicPartition(topic, partition)
+        if self._closing or tp not in self._assigned:
+            return False
+        owned = self._partitions.get(tp)
+        if owned is None:
+            owned = self._partitions[tp] = _Partition()
+        if owned.revoked:
+            return False
+        self._enqueue(owned, key, Job(job, topic, partition))
+        return True
+
+    def _enqueue(self, partition: _Partition, key: bytes | None, item: Record | Job) -> None:
         partition.idle.clear()
-        lane = partition.lanes.get(record.key)
+        lane = partition.lanes.get(key)
         if lane is not None:
-            lane.records.append(record)
+            lane.items.append(item)
             return
-        lane = partition.lanes[record.key] = _Lane(deque([record]))
-        lane.task = asyncio.create_task(self._run_lane(partition, record.key, lane))
+        lane = partition.lanes[key] = _Lane(deque([item]))
+        lane.task = asyncio.create_task(self._run_lane(partition, key, lane))
 
     @property
     def in_flight(self) -> int:
@@ -125,25 +160,29 @@ class KeyOrderedDispatcher:
 
     async def _run_lane(self, partition: _Partition, key: bytes | None, lane: _Lane) -> None:
         try:
-            while lane.records:
-                record = lane.records[0]
-                await self._process_until_done(record)
-                lane.records.popleft()
-                partition.offsets.finish(record.offset)
+            while lane.items:
+                item = lane.items[0]
+                if isinstance(item, Job):
+                    await self._run_job(item)
+                    lane.items.popleft()
+                    continue
+                await self._process_until_done(item)
+                lane.items.popleft()
+                partition.offsets.finish(item.offset)
                 self._release(1)
                 self._commit_wanted.set()
         except asyncio.CancelledError:
-            if partition.revoked or self._closing or not lane.records:
+            if partition.revoked or self._closing or not lane.items:
                 raise
             # Cancelled from outside a drain (nothing here does that): its records would be
             # left unanswered and its partition's commits stuck behind them, so it runs on.
             log.error(
                 "the lane of %r on %s[%d] was cancelled outside a drain; starting it again",
                 key,
-                lane.records[0].topic,
-                lane.records[0].partition,
+                lane.items[0].topic,
+                lane.items[0].partition,
             )
-            metrics.lanes_restarted.add(1, {"topic": lane.records[0].topic})
+            metrics.lanes_restarted.add(1, {"topic": lane.items[0].topic})
             lane.task = asyncio.create_task(self._run_lane(partition, key, lane))
             return
         finally:
@@ -153,13 +192,20 @@ class KeyOrderedDispatcher:
     def _end_lane(self, partition: _Partition, key: bytes | None, lane: _Lane) -> None:
         # Reached with records left only when cancelled by a drain that timed out: give back
         # their room; their offsets stay uncommitted for the next owner.
-        if lane.records:
-            self._release(len(lane.records))
-            lane.records.clear()
+        if lane.items:
+            self._release(lane.records())
+            lane.items.clear()
         if partition.lanes.get(key) is lane:
             del partition.lanes[key]
         if not partition.lanes:
             partition.idle.set()
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await job.run()
+        except Exception:
+            # A job's own failure is its own (settling is tried again later): never the lane's.
+            log.exception("a job in %s[%d] failed", job.topic, job.partition)
 
     async def _process_until_done(self, record: Record) -> None:
         # `process` ends every record itself (a result or a dead letter; see pipeline.py) and
@@ -270,15 +316,21 @@ class KeyOrderedDispatcher:
         would sit above an unfinished one, answered but uncommittable, and be answered again."""
         if not partition.lanes:
             return
-        keep_up_to = max(lane.records[0].offset for lane in partition.lanes.values())
+        running = [
+            lane.items[0].offset
+            for lane in partition.lanes.values()
+            if not isinstance(lane.items[0], Job)
+        ]
         finished = partition.offsets.highest_finished_ahead()
-        if finished is not None:
-            keep_up_to = max(keep_up_to, finished)
+        keep_up_to = max([*running, *([finished] if finished is not None else [])], default=-1)
         for lane in partition.lanes.values():
             dropped = 0
-            while len(lane.records) > 1 and lane.records[-1].offset > keep_up_to:
-                lane.records.pop()
-                dropped += 1
+            # Jobs not started are left too: the next owner's settling queues them again.
+            while len(lane.items) > 1 and (
+                isinstance(last := lane.items[-1], Job) or last.offset > keep_up_to
+            ):
+                lane.items.pop()
+                dropped += 0 if isinstance(last, Job) else 1
             if dropped:
                 self._release(dropped)
 
@@ -299,10 +351,12 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self._dispatcher = dispatcher
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._dispatcher._assigned.difference_update(revoked)
         if revoked:
             await self._dispatcher.drain(list(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._dispatcher._assigned.update(assigned)
         if self._dispatcher.on_rebalance is not None:
             self._dispatcher.on_rebalance()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from voucher_bridge import metrics
 from voucher_bridge.kafka.producer import RecordProducer, RecordRefused
 from voucher_bridge.kafka.records import Record
-from voucher_bridge.once import Answered
+from voucher_bridge.once import Answered, Origin
 from voucher_bridge.telemetry import context_from, trace_headers
 from voucher_contracts import (
     CommandEnvelope,
@@ -44,7 +44,9 @@ tracer = trace.get_tracer("voucher_bridge")
 class Executor(Protocol):
     """Turns a command into its answer, at most once upstream (see `once.ExactlyOnce`)."""
 
-    async def execute(self, command: CommandEnvelope, record_key: bytes | None) -> Answered: ...
+    async def execute(
+        self, command: CommandEnvelope, record_key: bytes | None, origin: Origin | None = None
+    ) -> Answered: ...
 
     def unrecorded(self, command: CommandEnvelope, why: str) -> Answered:
         """The answer to a command that could not be recorded (see `once.ExactlyOnce`)."""
@@ -118,7 +120,8 @@ class CommandPipeline:
             span.set_attribute("cloudevents.event_type", command.type)
             started = time.monotonic()
             try:
-                answered = await self._executor.execute(command, record.key)
+                origin = Origin(record.topic, record.partition, record.timestamp)
+                answered = await self._executor.execute(command, record.key, origin)
             except Exception as exc:
                 log.exception("executing %s %s failed", command.type, command.id)
                 answered = self._executor.unrecorded(

@@ -7,8 +7,11 @@ recovery points (shared/research/anchors.md §4):
         └──────────────────────────────────────────────────────────────▲
 
 `received`: claimed, nothing sent that cannot be sent again. `sent`: the upstream may have
-acted, so a crash here means reconciling, never resending. `done`: the result is stored and is
-what every redelivery publishes again.
+acted, so a crash here means reconciling, never resending; it keeps when the call went out and
+what the upstream said just before (the handler's before-image), which reconciling compares
+with. `done`: the result is stored and is what every redelivery publishes again. A done result
+that is `indeterminate` is settled later, one instance at a time (a lease), and one the
+upstream can no longer tell about is left for an operator (`needs_operator`).
 
 A claim belongs to an instance of the service; an instance is alive while its heartbeat is
 fresh by the store's own clock (PostgreSQL's `now()` for several hosts, so that no host's clock
@@ -47,6 +50,7 @@ class Claim:
     token: str | None = None  # proves ownership to mark_sent/complete
     previous: State | None = None  # for RESUME: where the dead instance got to
     sent_at: float | None = None  # for RESUME from SENT: when the call went out
+    before: str | None = None  # for RESUME from SENT: the handler's before-image
     result: str | None = None  # for DONE: the stored result (ResultData JSON)
     revision: int = 0
 
@@ -65,6 +69,9 @@ class NewCommand:
     subject: str
     envelope: str  # the command as JSON, so a completer can act on it later
     record_key: bytes | None
+    # Where it was read: its settling runs in that partition's lane for its key.
+    topic: str | None = None
+    partition: int | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class Unsettled:
     result: str
     revision: int
     sent_at: float | None
+    before: str | None = None
+    topic: str | None = None
+    partition: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,7 @@ class StoredCommand:
     revision: int
     owner: str | None  # None: released, or done
     owner_alive: bool  # the owner's heartbeat is fresh by the store's clock
+    before: str | None = None
 
 
 def decide_claim(
@@ -104,7 +115,13 @@ def decide_claim(
     held_elsewhere = stored.owner is not None and stored.owner != instance and stored.owner_alive
     if held_elsewhere and not take_over:
         return Claim(ClaimKind.BUSY)
-    return Claim(ClaimKind.RESUME, token=token, previous=stored.state, sent_at=stored.sent_at)
+    return Claim(
+        ClaimKind.RESUME,
+        token=token,
+        previous=stored.state,
+        sent_at=stored.sent_at,
+        before=stored.before,
+    )
 
 
 class LostClaim(Exception):
@@ -118,6 +135,10 @@ class CommandStore(Protocol):
     # Liveness, by the store's clock; kept off the path of command traffic.
     async def heartbeat(self, instance: str) -> None: ...
     async def retire(self, instance: str) -> None: ...
+    async def known_instances(self, instances: Collection[str]) -> set[str]:
+        """Those of `instances` that ever heartbeat in this store (and did not retire)."""
+        ...
+
     async def release_stranded(self, instance: str, running: Collection[CommandKey]) -> int:
         """Free every unfinished claim of `instance` whose command is not in `running`."""
         ...
@@ -130,7 +151,9 @@ class CommandStore(Protocol):
         stale_after_s: float,
         take_over: bool = False,
     ) -> Claim: ...
-    async def mark_sent(self, key: CommandKey, token: str, now: float) -> None: ...
+    async def mark_sent(
+        self, key: CommandKey, token: str, now: float, before: str | None = None
+    ) -> None: ...
     async def complete(
         self, key: CommandKey, token: str, result: str, unsettled: bool, now: float
     ) -> None:
@@ -143,11 +166,28 @@ class CommandStore(Protocol):
         ...
 
     async def unsettled(self, limit: int) -> list[Unsettled]: ...
-    async def settle(
-        self, key: CommandKey, revision: int, result: str, unsettled: bool, now: float
-    ) -> bool: ...
+    async def lease_settle(
+        self, key: CommandKey, revision: int, instance: str, lease_s: float
+    ) -> bool:
+        """Take the settling of this revision for `lease_s` (by the store's clock); False when
+        another instance holds it, or the revision moved on."""
+        ...
 
-    async def give_up(self, key: CommandKey, revision: int, now: float) -> bool: ...
+    async def settle(
+        self,
+        key: CommandKey,
+        revision: int,
+        result: str,
+        unsettled: bool,
+        now: float,
+        needs_operator: bool = False,
+    ) -> bool:
+        """Store the next revision's result (compare-and-set on `revision`); the lease ends."""
+        ...
+
+    async def needing_operator(self, limit: int) -> list[Unsettled]:
+        """Results the upstream could no longer tell about: an operator decides."""
+        ...
 
     async def purge(self, before: float, limit: int) -> int: ...
     async def count(self) -> int: ...

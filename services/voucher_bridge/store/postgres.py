@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS vb_commands (
 CREATE INDEX IF NOT EXISTS vb_commands_unsettled ON vb_commands (unsettled) WHERE unsettled;
 CREATE INDEX IF NOT EXISTS vb_commands_done_at ON vb_commands (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS vb_commands_owner ON vb_commands (owner) WHERE owner IS NOT NULL;
+ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS kafka_topic TEXT;
+ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS kafka_partition INTEGER;
+ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS before_image TEXT;
+ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS settle_owner TEXT;
+ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS settle_until DOUBLE PRECISION;
+ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS needs_operator BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX IF NOT EXISTS vb_commands_operator ON vb_commands (needs_operator)
+    WHERE needs_operator;
 CREATE TABLE IF NOT EXISTS vb_instances (
     id TEXT PRIMARY KEY, heartbeat_at DOUBLE PRECISION NOT NULL
 );
@@ -120,6 +128,14 @@ class PostgresStore:
             (instance,),
         )
 
+    async def known_instances(self, instances: Collection[str]) -> set[str]:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT id FROM vb_instances WHERE id = ANY(%s)", (list(instances),)
+            )
+            rows = await cursor.fetchall()
+        return {r[0] for r in rows}
+
     async def release_stranded(self, instance: str, running: Collection[CommandKey]) -> int:
         rows = await self._on_liveness_connection(
             "SELECT source, id, token FROM vb_commands WHERE owner = %s AND state != 'done'",
@@ -152,9 +168,9 @@ class PostgresStore:
         async with self._pool.connection() as db, db.transaction():
             inserted = await db.execute(
                 "INSERT INTO vb_commands (source, id, content_hash, type, subject, envelope, "
-                "record_key, state, owner, token, created_at, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, 'received', %s, %s, %s, %s) "
-                "ON CONFLICT (source, id) DO NOTHING",
+                "record_key, kafka_topic, kafka_partition, state, owner, token, created_at, "
+                "updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'received', %s, %s, "
+                "%s, %s) ON CONFLICT (source, id) DO NOTHING",
                 (
                     key.source,
                     key.id,
@@ -163,6 +179,8 @@ class PostgresStore:
                     command.subject,
                     command.envelope,
                     command.record_key,
+                    command.topic,
+                    command.partition,
                     instance,
                     token,
                     now,
@@ -181,11 +199,13 @@ class PostgresStore:
                 )
             return claim
 
-    async def mark_sent(self, key: CommandKey, token: str, now: float) -> None:
+    async def mark_sent(
+        self, key: CommandKey, token: str, now: float, before: str | None = None
+    ) -> None:
         updated = await self._execute(
-            "UPDATE vb_commands SET state = 'sent', sent_at = %s, updated_at = %s "
-            "WHERE source = %s AND id = %s AND token = %s AND state != 'done'",
-            (now, now, key.source, key.id, token),
+            "UPDATE vb_commands SET state = 'sent', sent_at = %s, before_image = %s, "
+            "updated_at = %s WHERE source = %s AND id = %s AND token = %s AND state != 'done'",
+            (now, before, now, key.source, key.id, token),
         )
         if updated != 1:
             raise LostClaim(f"{key}")
@@ -212,41 +232,60 @@ class PostgresStore:
         return updated == 1
 
     async def unsettled(self, limit: int) -> list[Unsettled]:
+        return await self._select_done("unsettled", limit)
+
+    async def needing_operator(self, limit: int) -> list[Unsettled]:
+        return await self._select_done("needs_operator", limit)
+
+    async def _select_done(self, where: str, limit: int) -> list[Unsettled]:
         async with self._pool.connection() as db:
             cursor = await db.execute(
-                "SELECT source, id, envelope, record_key, result, revision, sent_at "
-                "FROM vb_commands WHERE unsettled AND state = 'done' LIMIT %s",
+                "SELECT source, id, envelope, record_key, result, revision, sent_at, "
+                "before_image, kafka_topic, kafka_partition "
+                f"FROM vb_commands WHERE {where} AND state = 'done' ORDER BY updated_at LIMIT %s",
                 (limit,),
             )
             rows = await cursor.fetchall()
         return [
-            Unsettled(CommandKey(r[0], r[1]), r[2], _bytes(r[3]), r[4], r[5], r[6]) for r in rows
+            Unsettled(
+                CommandKey(r[0], r[1]), r[2], _bytes(r[3]), r[4], r[5], r[6], r[7], r[8], r[9]
+            )
+            for r in rows
         ]
 
-    async def settle(
-        self, key: CommandKey, revision: int, result: str, unsettled: bool, now: float
+    async def lease_settle(
+        self, key: CommandKey, revision: int, instance: str, lease_s: float
     ) -> bool:
         updated = await self._execute(
-            "UPDATE vb_commands SET result = %s, revision = revision + 1, unsettled = %s, "
-            "updated_at = %s WHERE source = %s AND id = %s AND revision = %s "
-            "AND state = 'done'",
-            (result, unsettled, now, key.source, key.id, revision),
+            f"UPDATE vb_commands SET settle_owner = %s, settle_until = {_DB_NOW} + %s "
+            "WHERE source = %s AND id = %s AND revision = %s AND state = 'done' AND unsettled "
+            f"AND (settle_until IS NULL OR settle_until < {_DB_NOW} OR settle_owner = %s)",
+            (instance, lease_s, key.source, key.id, revision, instance),
         )
         return updated == 1
 
-    async def give_up(self, key: CommandKey, revision: int, now: float) -> bool:
-        """Stop settling it; the result (and its id) stay as they are."""
+    async def settle(
+        self,
+        key: CommandKey,
+        revision: int,
+        result: str,
+        unsettled: bool,
+        now: float,
+        needs_operator: bool = False,
+    ) -> bool:
         updated = await self._execute(
-            "UPDATE vb_commands SET unsettled = FALSE, updated_at = %s "
+            "UPDATE vb_commands SET result = %s, revision = revision + 1, unsettled = %s, "
+            "needs_operator = %s, settle_owner = NULL, settle_until = NULL, updated_at = %s "
             "WHERE source = %s AND id = %s AND revision = %s AND state = 'done'",
-            (now, key.source, key.id, revision),
+            (result, unsettled, needs_operator, now, key.source, key.id, revision),
         )
         return updated == 1
 
     async def purge(self, before: float, limit: int) -> int:
         return await self._execute(
-            "DELETE FROM vb_commands WHERE ctid IN (SELECT ctid FROM vb_commands "
-            "WHERE state = 'done' AND NOT unsettled AND updated_at < %s LIMIT %s)",
+            "DELETE FROM vb_commands WHERE ctid IN (SELECT ctid FROM vb_commands WHERE "
+            "state = 'done' AND NOT unsettled AND NOT needs_operator AND updated_at < %s "
+            "LIMIT %s)",
             (before, limit),
         )
 
@@ -278,14 +317,16 @@ async def _locked_row(
 ) -> StoredCommand:
     cursor = await db.execute(
         "SELECT c.content_hash, c.state, c.sent_at, c.result, c.revision, c.owner, "
-        f"coalesce(i.heartbeat_at >= {_DB_NOW} - %s, FALSE) "
+        f"coalesce(i.heartbeat_at >= {_DB_NOW} - %s, FALSE), c.before_image "
         "FROM vb_commands c LEFT JOIN vb_instances i ON i.id = c.owner "
         "WHERE c.source = %s AND c.id = %s FOR UPDATE OF c",
         (stale_after_s, key.source, key.id),
     )
     row = await cursor.fetchone()
     assert row is not None  # it conflicted on insert, and records are never deleted in flight
-    return StoredCommand(row[0], State(row[1]), row[2], row[3], row[4], row[5], bool(row[6]))
+    return StoredCommand(
+        row[0], State(row[1]), row[2], row[3], row[4], row[5], bool(row[6]), row[7]
+    )
 
 
 def _bytes(value: Any) -> bytes | None:

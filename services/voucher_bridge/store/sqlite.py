@@ -58,14 +58,44 @@ CREATE TABLE IF NOT EXISTS commands (
     updated_at REAL NOT NULL,
     PRIMARY KEY (source, id)
 );
+CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS commands_unsettled ON commands (unsettled) WHERE unsettled = 1;
 CREATE INDEX IF NOT EXISTS commands_done_at ON commands (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS commands_owner ON commands (owner) WHERE owner IS NOT NULL;
-CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at REAL NOT NULL
 );
 """
+
+
+# Columns added after the first release, added to a file made before them (ALTER TABLE ... ADD
+# COLUMN; SQLite has no IF NOT EXISTS for it).
+ADDED_COLUMNS = {
+    "kafka_topic": "TEXT",
+    "kafka_partition": "INTEGER",
+    "before_image": "TEXT",
+    "settle_owner": "TEXT",
+    "settle_until": "REAL",
+    "needs_operator": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    # In one write transaction: two processes opening a fresh file at once must not both add.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(commands)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE commands ADD COLUMN {name} {kind}")
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS commands_operator ON commands (needs_operator) "
+            "WHERE needs_operator = 1"
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _enable_wal(db: sqlite3.Connection, deadline_s: float = 10.0) -> None:
@@ -155,6 +185,7 @@ class SqliteStore:
             _enable_wal(db)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.executescript(SCHEMA)
+            _add_columns(db)
             self._db = db  # transactions are begun and ended by _run_batch
 
         await asyncio.get_running_loop().run_in_executor(self._executor, connect)
@@ -179,6 +210,18 @@ class SqliteStore:
                 (instance, now),
             )
         )
+
+    async def known_instances(self, instances: Collection[str]) -> set[str]:
+        wanted = list(instances)
+        if not wanted:
+            return set()
+        marks = ",".join("?" * len(wanted))
+        rows = await self._run(
+            lambda db: db.execute(
+                f"SELECT id FROM instances WHERE id IN ({marks})", wanted
+            ).fetchall()
+        )
+        return {r[0] for r in rows}
 
     async def release_stranded(self, instance: str, running: Collection[CommandKey]) -> int:
         keep = set(running)
@@ -216,16 +259,16 @@ class SqliteStore:
             key = command.key
             row = db.execute(
                 "SELECT content_hash, state, sent_at, result, revision, owner, "
-                "coalesce((SELECT heartbeat_at >= ? FROM instances WHERE id = commands.owner), 0) "
-                "FROM commands WHERE source = ? AND id = ?",
+                "coalesce((SELECT heartbeat_at >= ? FROM instances WHERE id = commands.owner), 0), "
+                "before_image FROM commands WHERE source = ? AND id = ?",
                 (stale_before, key.source, key.id),
             ).fetchone()
             token = uuid.uuid4().hex
             if row is None:
                 db.execute(
                     "INSERT INTO commands (source, id, content_hash, type, subject, envelope, "
-                    "record_key, state, owner, token, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)",
+                    "record_key, kafka_topic, kafka_partition, state, owner, token, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)",
                     (
                         key.source,
                         key.id,
@@ -234,6 +277,8 @@ class SqliteStore:
                         command.subject,
                         command.envelope,
                         command.record_key,
+                        command.topic,
+                        command.partition,
                         instance,
                         token,
                         now,
@@ -242,7 +287,7 @@ class SqliteStore:
                 )
                 return Claim(ClaimKind.NEW, token=token)
             stored = StoredCommand(
-                row[0], State(row[1]), row[2], row[3], row[4], row[5], bool(row[6])
+                row[0], State(row[1]), row[2], row[3], row[4], row[5], bool(row[6]), row[7]
             )
             claim = decide_claim(stored, command.content_hash, token, instance, take_over)
             if claim.kind is ClaimKind.RESUME:
@@ -255,12 +300,14 @@ class SqliteStore:
 
         return await self._run(claim)
 
-    async def mark_sent(self, key: CommandKey, token: str, now: float) -> None:
+    async def mark_sent(
+        self, key: CommandKey, token: str, now: float, before: str | None = None
+    ) -> None:
         def mark(db: sqlite3.Connection) -> int:
             return db.execute(
-                "UPDATE commands SET state = 'sent', sent_at = ?, updated_at = ? "
-                "WHERE source = ? AND id = ? AND token = ? AND state != 'done'",
-                (now, now, key.source, key.id, token),
+                "UPDATE commands SET state = 'sent', sent_at = ?, before_image = ?, "
+                "updated_at = ? WHERE source = ? AND id = ? AND token = ? AND state != 'done'",
+                (now, before, now, key.source, key.id, token),
             ).rowcount
 
         if await self._run(mark) != 1:
@@ -292,45 +339,66 @@ class SqliteStore:
         return bool(await self._run(release))
 
     async def unsettled(self, limit: int) -> list[Unsettled]:
+        return await self._select_done("unsettled = 1", limit)
+
+    async def needing_operator(self, limit: int) -> list[Unsettled]:
+        return await self._select_done("needs_operator = 1", limit)
+
+    async def _select_done(self, where: str, limit: int) -> list[Unsettled]:
         def select(db: sqlite3.Connection) -> list[Unsettled]:
             rows = db.execute(
-                "SELECT source, id, envelope, record_key, result, revision, sent_at "
-                "FROM commands WHERE unsettled = 1 AND state = 'done' LIMIT ?",
+                "SELECT source, id, envelope, record_key, result, revision, sent_at, "
+                "before_image, kafka_topic, kafka_partition "
+                f"FROM commands WHERE {where} AND state = 'done' ORDER BY updated_at LIMIT ?",
                 (limit,),
             ).fetchall()
-            return [Unsettled(CommandKey(r[0], r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+            return [
+                Unsettled(CommandKey(r[0], r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+                for r in rows
+            ]
 
         return await self._run(select)
 
+    async def lease_settle(
+        self, key: CommandKey, revision: int, instance: str, lease_s: float
+    ) -> bool:
+        now = self._clock()
+
+        def lease(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET settle_owner = ?, settle_until = ? "
+                "WHERE source = ? AND id = ? AND revision = ? AND state = 'done' AND unsettled = 1 "
+                "AND (settle_until IS NULL OR settle_until < ? OR settle_owner = ?)",
+                (instance, now + lease_s, key.source, key.id, revision, now, instance),
+            ).rowcount
+
+        return bool(await self._run(lease))
+
     async def settle(
-        self, key: CommandKey, revision: int, result: str, unsettled: bool, now: float
+        self,
+        key: CommandKey,
+        revision: int,
+        result: str,
+        unsettled: bool,
+        now: float,
+        needs_operator: bool = False,
     ) -> bool:
         def settle(db: sqlite3.Connection) -> int:
             return db.execute(
                 "UPDATE commands SET result = ?, revision = revision + 1, unsettled = ?, "
-                "updated_at = ? WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
-                (result, int(unsettled), now, key.source, key.id, revision),
+                "needs_operator = ?, settle_owner = NULL, settle_until = NULL, updated_at = ? "
+                "WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
+                (result, int(unsettled), int(needs_operator), now, key.source, key.id, revision),
             ).rowcount
 
         return bool(await self._run(settle))
 
-    async def give_up(self, key: CommandKey, revision: int, now: float) -> bool:
-        """Stop settling it; the result (and its id) stay as they are."""
-
-        def give_up(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "UPDATE commands SET unsettled = 0, updated_at = ? "
-                "WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
-                (now, key.source, key.id, revision),
-            ).rowcount
-
-        return bool(await self._run(give_up))
-
     async def purge(self, before: float, limit: int) -> int:
         def purge(db: sqlite3.Connection) -> int:
             return db.execute(
-                "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands "
-                "WHERE state = 'done' AND unsettled = 0 AND updated_at < ? LIMIT ?)",
+                "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands WHERE "
+                "state = 'done' AND unsettled = 0 AND needs_operator = 0 AND updated_at < ? "
+                "LIMIT ?)",
                 (before, limit),
             ).rowcount
 
