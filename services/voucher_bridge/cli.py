@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     topics = commands.add_parser("topics", help="create the service's topics where missing")
     topics.add_argument("--partitions", type=int, default=6)
 
+    unsettled = commands.add_parser(
+        "unsettled",
+        help="list the results the upstream could no longer tell about (an operator decides)",
+    )
+    unsettled.add_argument("--limit", type=int, default=100)
+
     spec = commands.add_parser("asyncapi", help="write the AsyncAPI document")
     spec.add_argument("--out", type=Path, default=Path("contracts/asyncapi.json"))
 
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return _topics(args.partitions)
     if args.command == "asyncapi":
         return _asyncapi(args.out)
+    if args.command == "unsettled":
+        return asyncio.run(_unsettled(args.limit))
     if args.command == "sandbox" and args.sandbox == "epin":
         return _sandbox_epin(args)
     if args.command == "sandbox":
@@ -101,6 +109,35 @@ def _topics(partitions: int) -> int:
 
     created = asyncio.run(ensure_topics(load_settings(), partitions))
     print("created: " + (", ".join(created) if created else "nothing (all exist)"))
+    return 0
+
+
+async def _unsettled(limit: int) -> int:
+    """One JSON line per result left to an operator: the command and what was last known."""
+    from voucher_bridge.settings import load_settings
+    from voucher_bridge.store import open_store
+
+    settings = load_settings()
+    store = open_store(settings.idempotency_store_url, settings.store_timeout_s)
+    await store.open()
+    try:
+        for item in await store.needing_operator(limit):
+            envelope = json.loads(item.envelope)
+            print(
+                json.dumps(
+                    {
+                        "source": item.key.source,
+                        "id": item.key.id,
+                        "type": envelope.get("type"),
+                        "subject": envelope.get("subject"),
+                        "sent_at": item.sent_at,
+                        "revision": item.revision,
+                        "result": json.loads(item.result),
+                    }
+                )
+            )
+    finally:
+        await store.close()
     return 0
 
 

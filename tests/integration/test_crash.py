@@ -5,7 +5,6 @@ and leaves the consumer group mid-run. Checked against what the sandbox recorded
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections import Counter
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EpinSandbox, Stack
+from tests.support.workload import service_env
 from voucher_bridge.localstack import (
     CommandProducer,
     Process,
@@ -33,32 +33,8 @@ COUPONS_PER_ACCOUNT = 12  # a third transferred, a third shared from, a third de
 
 
 def _env(s: Stack) -> dict[str, str]:
-    epin = s.epin.settings
-    accounts = {n: {"username": n, "password": u["password"]} for n, u in s.epin.users.items()}
-    return {
-        "COUPON_COMMANDS_TOPIC": s.coupon_commands,
-        "COUPON_RESULTS_TOPIC": s.coupon_results,
-        "EPIN_BASE_URL": epin["EPIN_BASE_URL"],
-        "EPIN_API_KEY": epin["EPIN_API_KEY"],
-        "EPIN_ACCOUNTS": json.dumps(accounts),
-        "EPIN_READ_TIMEOUT_S": "1",
-        "KAFKA_BOOTSTRAP_SERVERS": s.bootstrap,
-        "KAFKA_GROUP_ID": s.group,
-        "POS_COMMANDS_TOPIC": s.commands,
-        "POS_RESULTS_TOPIC": s.results,
-        "EVOUCHER_BASE_URL": s.sandbox.url,
-        "EVOUCHER_TERMINALS": json.dumps(s.terminals),
-        "EVOUCHER_READ_TIMEOUT_S": "1",
-        "EVOUCHER_MAX_CONNECTIONS": "50",
-        "IDEMPOTENCY_STORE_URL": s.store_url,
-        "INSTANCE_HEARTBEAT_S": "0.5",
-        "INSTANCE_STALE_AFTER_S": "3",
-        "SETTLE_INTERVAL_S": "1",
-        "COMMIT_INTERVAL_MS": "100",
-        "SESSION_TIMEOUT_MS": "6000",
-        "UPSTREAM_RETRY_BASE_DELAY_S": "0.05",
-        "LOG_LEVEL": "WARNING",
-    }
+    # A lost answer is `failed` only 5 s after its call (the apply-late faults land 2 s late).
+    return service_env(s, EVOUCHER_APPLY_GRACE_S="5", EPIN_APPLY_GRACE_S="5")
 
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
@@ -89,6 +65,9 @@ async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
         "timeout_rate": 0.01,
         "timeout_sleep_s": 2,
         "drop_after_apply_rate": 0.04,
+        # Held past the client's 1 s timeout, then applied: a late landing, never a `failed`.
+        "apply_late_rate": 0.02,
+        "apply_delay_s": 2,
         "seed": 7,
     }
     s.sandbox.faults(**faults)
@@ -147,9 +126,10 @@ async def test_sigkill_restarts_and_a_rebalance_neither_double_apply_nor_lose(
             await _wait_all(reader, ids, first, timeout_s=240)
             # The faults stop, so that what is indeterminate can settle; then read on.
             injected = _injected(s, epin)
-            s.sandbox.faults(error_rate=0, timeout_rate=0, drop_after_apply_rate=0)
-            epin.faults(error_rate=0, timeout_rate=0, drop_after_apply_rate=0)
-            await _run_for(reader, 4.0)
+            calm = {"error_rate": 0, "timeout_rate": 0, "drop_after_apply_rate": 0}
+            s.sandbox.faults(**calm, apply_late_rate=0)
+            epin.faults(**calm, apply_late_rate=0)
+            await _run_for(reader, 8.0)  # past the 5 s grace: what did not land is failed
             await reader.settle(2.0)
         finally:
             first.stop()

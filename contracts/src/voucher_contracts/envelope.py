@@ -78,8 +78,20 @@ class ResultData(BaseModel):
     command_id: str
     command_source: str
     command_type: str
-    outcome: Outcome
-    reason: str | None = None
+    outcome: Outcome = Field(
+        description="succeeded: the upstream confirmed it, or a read after a lost answer showed "
+        "it applied (`reconciled`). rejected: refused, nothing changed upstream. failed: "
+        "known not to have taken effect (no answer and nothing sent, or a read showed it "
+        "unapplied once it could no longer be under way upstream); it may be sent again. "
+        "indeterminate: it may have taken effect; a superseding result follows once the "
+        "upstream can tell, or reason `unsettled` when it no longer can (an operator decides)."
+    )
+    reason: str | None = Field(
+        default=None,
+        description="Why, when not succeeded: e.g. voucher_not_found, validation_error, "
+        "upstream_unavailable, unauthorized, internal_error, command_expired (older than the "
+        "store's retention: never sent), unsettled.",
+    )
     message: str | None = None
     upstream: UpstreamReport = Field(default_factory=UpstreamReport)
     # Set when this result replaces an earlier one for the same command (e.g. an
