@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import logging
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
 from faststream.asgi.handlers import GetHandler
@@ -66,6 +68,22 @@ async def _lenient_parser(
     message = await parse(safe)
     message.raw_message = record
     return message
+
+
+async def _asked_again(
+    members: Callable[[], Awaitable[list[str]]],
+    retention: Callable[[], Awaitable[dict[str, int]]],
+    within_s: float = 30.0,
+) -> tuple[list[str], dict[str, int]]:
+    """Both answers, asking again on retriable errors for up to `within_s`."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        try:
+            return await members(), await retention()
+        except KafkaError as exc:
+            if not exc.retriable or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def _text_safe(value: bytes | None) -> bytes:
@@ -271,12 +289,27 @@ class Service:
     async def on_startup(self) -> None:
         await self.producer.start()
         await self.once.start(self._publish_superseding, self.dispatcher.submit_job)
-        await self._guard_forgetting()
+        try:
+            await self._guard_forgetting()
+        except BaseException:
+            await self.once.stop()
+            await self.producer.stop()
+            raise
 
     async def _guard_forgetting(self) -> None:
-        """Refuse to start where the store cannot remember for the whole group (see guards)."""
+        """Refuse to start where the store cannot remember for the whole group (see guards).
+
+        The cluster may not answer at once (a fresh broker has no group coordinator yet): asked
+        again for a while, then the start goes on without the check, saying so."""
         settings = self.settings
-        client_ids = await group_client_ids(settings, settings.kafka_group_id)
+        try:
+            client_ids, retention = await _asked_again(
+                lambda: group_client_ids(settings, settings.kafka_group_id),
+                lambda: topic_retention_ms(settings, [lane.topics.commands for lane in self.lanes]),
+            )
+        except KafkaError as exc:
+            log.warning("could not check the group's members and topics' retention: %s", exc)
+            return
         instances = {i for c in client_ids if (i := instance_of(c)) is not None}
         known = await self.store.known_instances(instances)
         others = members_of_other_stores(client_ids, known)
@@ -287,10 +320,7 @@ class Service:
                 "sent would be sent again by the other after a rebalance. Point every instance "
                 "at the same IDEMPOTENCY_STORE_URL (PostgreSQL, or one SQLite file on one host)."
             )
-        topics = [lane.topics.commands for lane in self.lanes]
-        longer = topics_kept_longer(
-            await topic_retention_ms(settings, topics), settings.idempotency_retention_s
-        )
+        longer = topics_kept_longer(retention, settings.idempotency_retention_s)
         if longer:
             message = (
                 f"{', '.join(longer)} keep records longer than the idempotency store keeps "
