@@ -26,7 +26,7 @@ from opentelemetry.metrics import Observation
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
-from voucher_bridge import __version__
+from voucher_bridge import __version__, metrics
 from voucher_bridge.epin.client import Credentials, EpinClient
 from voucher_bridge.epin.handler import CouponCommandHandler
 from voucher_bridge.evoucher.client import EvoucherClient
@@ -36,6 +36,7 @@ from voucher_bridge.guards import (
     instance_of,
     members_of_other_stores,
     topics_kept_longer,
+    unnamed_members,
 )
 from voucher_bridge.kafka.admin import group_client_ids, topic_retention_ms
 from voucher_bridge.kafka.connection import connection_args, faststream_security
@@ -71,10 +72,10 @@ async def _lenient_parser(
 
 
 async def _asked_again(
-    members: Callable[[], Awaitable[list[str]]],
+    members: Callable[[], Awaitable[tuple[list[str], list[str]]]],
     retention: Callable[[], Awaitable[dict[str, int]]],
     within_s: float = 30.0,
-) -> tuple[list[str], dict[str, int]]:
+) -> tuple[tuple[list[str], list[str]], dict[str, int]]:
     """Both answers, asking again on retriable errors for up to `within_s`."""
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
@@ -207,10 +208,45 @@ class Service:
             max_in_flight=settings.max_in_flight,
             commit_interval_s=settings.commit_interval_ms / 1000,
             drain_timeout_s=settings.drain_timeout_s,
-            # Another instance may have had a till's partition (and renewed its session).
-            on_rebalance=self.sessions.forget,
+            on_rebalance=self._on_rebalance,
         )
+        self._group_watch: asyncio.Task[None] | None = None
         self.broker = self._broker()
+
+    def _on_rebalance(self) -> None:
+        # Another instance may have had a till's partition (and renewed its session).
+        self.sessions.forget()
+        # A member may have joined with a store of its own (two started at once, each with
+        # the default SQLite file, both passed the start-up check): look again.
+        if self._group_watch is None or self._group_watch.done():
+            self._group_watch = asyncio.create_task(self._watch_group())
+
+    async def _watch_group(self) -> None:
+        """Take nothing new while the group has a member of another store; look again every
+        few seconds until it has gone (it refuses to start, or an operator stops it)."""
+        await asyncio.sleep(1.0)
+        while True:
+            try:
+                others, _ = await self._members()
+            except Exception as exc:
+                log.warning("could not look at the group's members: %s", exc)
+                others = []
+            if not others:
+                self.dispatcher.unfence()
+                return
+            metrics.members_of_other_stores.add(1)
+            self.dispatcher.fence(
+                f"members of group {self.settings.kafka_group_id!r} do not share this "
+                f"instance's store ({', '.join(others)}): set the same IDEMPOTENCY_STORE_URL"
+            )
+            await asyncio.sleep(5.0)
+
+    async def _members(self) -> tuple[list[str], list[str]]:
+        """The group's members of other stores, and those whose client id names no instance."""
+        client_ids = await group_client_ids(self.settings, self.settings.kafka_group_id)
+        instances = {i for c in client_ids if (i := instance_of(c)) is not None}
+        known = await self.store.known_instances(instances)
+        return members_of_other_stores(client_ids, known), unnamed_members(client_ids)
 
     def _lane(
         self, name: str, topics: Topics, command_types: Mapping[str, type[BaseModel]]
@@ -288,7 +324,11 @@ class Service:
 
     async def on_startup(self) -> None:
         await self.producer.start()
-        await self.once.start(self._publish_superseding, self.dispatcher.submit_job)
+        await self.once.start(
+            self._publish_superseding,
+            self.dispatcher.submit_job,
+            self.dispatcher.owned_partitions,
+        )
         try:
             await self._guard_forgetting()
         except BaseException:
@@ -303,16 +343,20 @@ class Service:
         again for a while, then the start goes on without the check, saying so."""
         settings = self.settings
         try:
-            client_ids, retention = await _asked_again(
-                lambda: group_client_ids(settings, settings.kafka_group_id),
+            (others, unnamed), retention = await _asked_again(
+                self._members,
                 lambda: topic_retention_ms(settings, [lane.topics.commands for lane in self.lanes]),
             )
         except KafkaError as exc:
             log.warning("could not check the group's members and topics' retention: %s", exc)
             return
-        instances = {i for c in client_ids if (i := instance_of(c)) is not None}
-        known = await self.store.known_instances(instances)
-        others = members_of_other_stores(client_ids, known)
+        if unnamed:
+            log.warning(
+                "members of group %r do not say which instance they are (%s: an earlier "
+                "release?): make sure they share this instance's IDEMPOTENCY_STORE_URL",
+                settings.kafka_group_id,
+                ", ".join(unnamed),
+            )
         if others:
             raise RuntimeError(
                 f"consumer group {settings.kafka_group_id!r} has members that do not share this "

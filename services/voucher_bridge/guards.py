@@ -37,5 +37,11 @@ def topics_kept_longer(retention_ms: Mapping[str, int], store_retention_s: float
 
 
 def members_of_other_stores(client_ids: Iterable[str], known: set[str]) -> list[str]:
-    """The group's members that this store never heard of (by their client ids)."""
-    return sorted(c for c in client_ids if (instance_of(c) or "") not in known)
+    """The group's voucher-bridge members that this store never heard of."""
+    return sorted(c for c in client_ids if (i := instance_of(c)) is not None and i not in known)
+
+
+def unnamed_members(client_ids: Iterable[str]) -> list[str]:
+    """Members whose client id names no instance (a release before instances were named, or
+    another client in the group): nothing tells whether they share the store."""
+    return sorted(c for c in client_ids if instance_of(c) is None)

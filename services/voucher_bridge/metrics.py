@@ -106,3 +106,9 @@ unsettled = _meter.create_counter(
     description="Indeterminate results the upstream could no longer tell about, left to an "
     "operator (reason `unsettled`).",
 )
+members_of_other_stores = _meter.create_counter(
+    "voucher_bridge.group.members_of_other_stores",
+    unit="{check}",
+    description="Looks at the consumer group that found a member of another store (no new "
+    "records are taken meanwhile).",
+)

@@ -58,7 +58,7 @@ from voucher_contracts import (
     content_hash,
     result_id,
 )
-from voucher_contracts.envelope import unrecorded_result_id
+from voucher_contracts.envelope import expired_result_id, unrecorded_result_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,13 +70,18 @@ BeforeSend = Callable[[str | None], Awaitable[None]]
 
 @dataclass(frozen=True)
 class SentCall:
-    """What the store knows of a money-moving call that went out: when (this service's clock)
-    and the handler's before-image; and whether its key has had other commands since (True
-    when this instance cannot tell: the partition came from another one, say)."""
+    """What the store knows of a money-moving call that went out: when (this service's clock),
+    the handler's before-image, and the commands of its key (till, account) that came after
+    it (None: not known). What the upstream shows now may be their doing, not this call's."""
 
     at: float | None = None
     before: str | None = None
-    followed: bool = True
+    later: tuple[CommandEnvelope, ...] | None = None
+
+    @property
+    def followed(self) -> bool:
+        """Whether the key may have moved on since (other commands, or nothing known)."""
+        return self.later is None or bool(self.later)
 
 
 class Handler(Protocol):
@@ -133,6 +138,10 @@ class Origin:
     topic: str | None = None
     partition: int | None = None
     timestamp_ms: int | None = None
+
+
+class OwnedPartitions(Protocol):
+    def __call__(self) -> set[tuple[str, int]]: ...
 
 
 class ScheduleJob(Protocol):
@@ -215,21 +224,24 @@ class ExactlyOnce:
         self._releases: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
         self._schedule: ScheduleJob | None = None
+        self._owned: OwnedPartitions | None = None
         # Settle jobs queued or running here, and since when: one a drain dropped unstarted
         # is queued again once its lease would have run out.
         self._settling: dict[CommandKey, float] = {}
-        # The last command each record key (a till, an account) ran here: tells a settle job
-        # whether the key has moved on since the command it settles.
-        self._last_of_key: dict[bytes | None, CommandKey] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(
-        self, publish_superseding: PublishSuperseding, schedule: ScheduleJob | None = None
+        self,
+        publish_superseding: PublishSuperseding,
+        schedule: ScheduleJob | None = None,
+        owned: OwnedPartitions | None = None,
     ) -> None:
-        """`schedule`: how settling jobs get into their key's lane (None: they run in the
-        settling loop itself, as in a test with no dispatcher)."""
+        """`schedule`: how settling jobs get into their key's lane, and `owned` the partitions
+        this instance has now (None: jobs run in the settling loop itself, for any partition,
+        as in a test with no dispatcher)."""
         self._schedule = schedule
+        self._owned = owned
         await self.store.open()
         await self.store.heartbeat(self.instance)
         self._tasks = [
@@ -309,7 +321,6 @@ class ExactlyOnce:
                 return _key_reused_answer(command, digest)
             return replace(unstored.answered, replayed=True)
         done = self._running[key] = asyncio.Event()
-        self._last_of_key[record_key] = key
         try:
             return await self._execute(command, key, digest, record_key, origin)
         finally:
@@ -336,6 +347,20 @@ class ExactlyOnce:
         )
         text_key = record_key.decode("utf-8", "replace") if record_key is not None else None
         loop = asyncio.get_running_loop()
+        if self._expired(command, origin):
+            try:
+                known = await self._store_op(
+                    lambda: self.store.known(key), loop.time() + self._timing.command_timeout_s
+                )
+            except StoreUnavailable:
+                known = False
+            if not known:
+                # Older than the store's memory and not in it: it may have been answered and
+                # forgotten. Never sent, and not recorded: its id is none a recorded result had.
+                return Answered(
+                    _expired(command, self._timing.retention_s),
+                    expired_result_id(command.source, command.id),
+                )
         busy_since: float | None = None
         take_over = False
         while True:
@@ -421,12 +446,10 @@ class ExactlyOnce:
             )
 
         resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
-        sent = SentCall(claim.sent_at, claim.before) if resuming_sent else None
+        # Resumed in its key's lane before any later command of the key: nothing came after.
+        sent = SentCall(claim.sent_at, claim.before, later=()) if resuming_sent else None
         try:
-            if sent is None and self._expired(command, origin):
-                data = _expired(command, self._timing.retention_s)
-            else:
-                data = await self._act(command, text_key, before_send, sent, deadline)
+            data = await self._act(command, text_key, before_send, sent, deadline)
             unsettled = (
                 data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
             )
@@ -454,15 +477,14 @@ class ExactlyOnce:
         return answered
 
     def _expired(self, command: CommandEnvelope, origin: Origin) -> bool:
-        """Older than the store's retention (by its `time`, else the record's timestamp): it
-        may have been answered and forgotten, so it is never sent."""
+        """Older than the store's retention, by the earlier of its `time` and its record's
+        timestamp (a `time` ahead of the clock does not make it young)."""
+        moments = []
         if command.time is not None:
-            happened = command.time.timestamp()
-        elif origin.timestamp_ms is not None and origin.timestamp_ms >= 0:
-            happened = origin.timestamp_ms / 1000
-        else:
-            return False
-        return happened < self._clock() - self._timing.retention_s
+            moments.append(command.time.timestamp())
+        if origin.timestamp_ms is not None and origin.timestamp_ms >= 0:
+            moments.append(origin.timestamp_ms / 1000)
+        return bool(moments) and min(moments) < self._clock() - self._timing.retention_s
 
     async def _act(
         self,
@@ -596,7 +618,8 @@ class ExactlyOnce:
         here (no dispatcher) or were queued."""
         started = 0
         now = time.monotonic()
-        for pending in await self.store.unsettled(limit=100):
+        owned = self._owned() if self._owned is not None else None
+        for pending in await self.store.unsettled(limit=100, partitions=owned):
             queued = self._settling.get(pending.key)
             if queued is not None and now - queued < self._settle_lease_s:
                 continue
@@ -616,13 +639,20 @@ class ExactlyOnce:
 
     async def _settle_job(self, pending: Unsettled, publish: PublishSuperseding) -> None:
         try:
-            # One instance at a time, even in the moments a partition has two owners.
-            if not await self.store.lease_settle(
-                pending.key, pending.revision, self.instance, self._settle_lease_s
-            ):
-                return
             async with asyncio.timeout(self._timing.command_timeout_s):
-                await self._settle_one(pending, publish)
+                # One instance at a time, even in the moments a partition has two owners.
+                if not await self.store.lease_settle(
+                    pending.key, pending.revision, self.instance, self._settle_lease_s
+                ):
+                    return
+                if not await self._settle_one(pending, publish):
+                    # Looked at again after the interval, behind the others not looked at.
+                    await self.store.postpone_settle(
+                        pending.key,
+                        pending.revision,
+                        self.instance,
+                        self._timing.settle_interval_s,
+                    )
         except Exception as exc:
             # One record the upstream keeps failing on must not hold up the others.
             log.warning("settling %s failed (%s: %s)", pending.key, type(exc).__name__, exc)
@@ -635,9 +665,13 @@ class ExactlyOnce:
         window = self._handler.settle_window(command.type)
         if pending.sent_at is not None and self._clock() - pending.sent_at >= window:
             await self._leave_to_an_operator(pending, command, previous, publish, window)
-            return 0
-        followed = self._last_of_key.get(pending.record_key) != pending.key
-        sent = SentCall(pending.sent_at, pending.before, followed)
+            return 1
+        later = await self.store.later_commands(pending.subject, pending.created_at, limit=200)
+        sent = SentCall(
+            pending.sent_at,
+            pending.before,
+            tuple(CommandEnvelope.model_validate_json(e) for e in later),
+        )
         data = await self._handler.settle(command, previous, sent)
         if data is None:
             return 0

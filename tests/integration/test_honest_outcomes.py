@@ -387,6 +387,42 @@ async def test_an_instance_with_a_store_of_its_own_is_refused(stack: Any, tmp_pa
         first.stop()
 
 
+async def test_two_instances_started_at_once_with_stores_of_their_own_send_nothing_twice(
+    stack: Any, tmp_path: Path
+) -> None:
+    """Both start before either is in the group, so neither is refused at start; once both
+    are in it, each sees the other's store is not its own and takes nothing new (or one was
+    refused). No command reaches the upstream twice."""
+    s: Stack = await stack()
+    till = s.terminal()
+    codes = s.sandbox.add_vouchers("10.00", "10.00", "10.00")
+    env = service_env(s)
+    one = start_service(
+        {**env, "IDEMPOTENCY_STORE_URL": f"sqlite:///{tmp_path / 'one.sqlite3'}"},
+        tmp_path / "one.log",
+    )
+    two = start_service(
+        {**env, "IDEMPOTENCY_STORE_URL": f"sqlite:///{tmp_path / 'two.sqlite3'}"},
+        tmp_path / "two.log",
+    )
+    try:
+        await asyncio.sleep(8)  # both in the group (or one refused)
+        async with CommandProducer(s.bootstrap, s.commands) as producer:
+            await producer.send("pos.bill_total", till, {"bill_total": "30"})
+            for code in codes:
+                await producer.send("pos.scan", till, {"voucher_code": code})
+        await asyncio.sleep(8)
+        logs = [p.log_path.read_text(errors="replace") for p in (one, two)]
+        running = [p for p in (one, two) if p.alive()]
+        fenced = [text for text in logs if "taking no new records" in text]
+        assert len(running) <= 1 or len(fenced) == 2, logs
+        scans = [c for c in s.sandbox.calls(till) if c["route"] == "scan_voucher_api"]
+        assert len(scans) == len({c["body"]["voucher_code"] for c in scans}), scans
+    finally:
+        one.stop()
+        two.stop()
+
+
 async def _wait_for_log(process: Any, text: str, within_s: float) -> None:
     deadline = time.monotonic() + within_s
     while text not in process.log_path.read_text(errors="replace"):

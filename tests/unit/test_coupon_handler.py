@@ -652,7 +652,7 @@ async def test_request_lost_before_it_applied(
     assert (result.outcome, result.reason) == (Outcome.INDETERMINATE, "upstream_unavailable")
     assert result.message is not None and said in result.message
     # Once it can no longer be under way, the same reads prove it did not happen.
-    settled = await handler.settle(cmd, result, SentCall(LONG_AGO.at, before))
+    settled = await handler.settle(cmd, result, SentCall(LONG_AGO.at, before, later=()))
     assert settled is not None
     assert (settled.outcome, settled.reason) == (Outcome.FAILED, "upstream_unavailable")
     assert settled.message is not None and said in settled.message
@@ -843,7 +843,9 @@ async def test_settle_returns_the_decision_once_it_can_tell(
     transfer = command("coupon.transfer", {"user": NIC, "epin": "1001"})
     image = await before_image(handler, transfer)
     apply_directly(state, "coupon.transfer", {"user": NIC, "epin": "1001"})
-    settled = await handler.settle(transfer, indeterminate(transfer), SentCall(time.time(), image))
+    settled = await handler.settle(
+        transfer, indeterminate(transfer), SentCall(time.time(), image, later=())
+    )
     assert settled is not None
     assert settled.outcome is Outcome.SUCCEEDED
     assert (settled.command_id, settled.command_type) == ("cmd-1", "coupon.transfer")
@@ -852,18 +854,43 @@ async def test_settle_returns_the_decision_once_it_can_tell(
 
     delete = command("coupon.delete", {"epin": "1005"}, id_="cmd-2")
     image = await before_image(handler, delete)
-    settled = await handler.settle(delete, indeterminate(delete), SentCall(LONG_AGO.at, image))
+    settled = await handler.settle(
+        delete, indeterminate(delete), SentCall(LONG_AGO.at, image, later=())
+    )
     assert settled is not None and settled.outcome is Outcome.FAILED  # known not applied
 
     data = create_data(new_form_key(state))
     create = command("coupon.create", data, id_="cmd-3")
     image = await before_image(handler, create)
     apply_directly(state, "coupon.create", data)
-    settled = await handler.settle(create, indeterminate(create), SentCall(time.time(), image))
+    settled = await handler.settle(
+        create, indeterminate(create), SentCall(time.time(), image, later=())
+    )
     assert settled is not None and settled.outcome is Outcome.SUCCEEDED
     # Only reads went out (the refund status is a DELETE without `status`).
     assert state.calls["transfer"] == 0
     assert coupon(state, 1005).deletes == 0
+
+
+async def test_what_a_later_command_of_the_account_did_is_not_taken_for_this_one(
+    handler: CouponCommandHandler, state: EpinSandbox
+) -> None:
+    # A share whose answer was lost (it never applied), then the same share by a new command
+    # that went through: the history's new entry is the later one's.
+    data = {"email": "a@example.cy", "epin": "1003", "share_amount": "2"}
+    lost = command("coupon.share", data, id_="lost")
+    image = await before_image(handler, lost)
+    later = command("coupon.share", data, id_="later")
+    assert (await handler.handle(later, ACCOUNT)).outcome is Outcome.SUCCEEDED
+    young = SentCall(time.time() - 5, image, later=(later,))
+    assert await handler.settle(lost, indeterminate(lost), young) is None
+    # What shows it not applied still counts: a transfer's coupon still in the account.
+    transfer = command("coupon.transfer", {"user": NIC, "epin": "1004"}, id_="t")
+    image = await before_image(handler, transfer)
+    touching = command("coupon.share", {**data, "epin": "1004"}, id_="touching")
+    old = SentCall(LONG_AGO.at, image, later=(touching,))
+    settled = await handler.settle(transfer, indeterminate(transfer), old)
+    assert settled is not None and settled.outcome is Outcome.FAILED
 
 
 async def test_a_share_identical_to_an_earlier_one_is_not_taken_for_it(

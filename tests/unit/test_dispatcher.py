@@ -54,6 +54,7 @@ class FakeConsumer:
         self.assigned = set(assigned)
         self.pauses: list[set[TopicPartition]] = []
         self.resumes: list[set[TopicPartition]] = []
+        self.seeks: list[tuple[TopicPartition, int]] = []
         self.commits: list[dict[TopicPartition, int]] = []
         self.fail_commits = 0
         self.check: Callable[[dict[TopicPartition, int]], None] | None = None
@@ -66,6 +67,9 @@ class FakeConsumer:
 
     def resume(self, *tps: TopicPartition) -> None:
         self.resumes.append(set(tps))
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.check is not None:
@@ -496,6 +500,26 @@ async def test_a_revoked_partition_takes_no_jobs_and_drops_those_not_started(
 
 async def _noop() -> None:
     return None
+
+
+async def test_while_fenced_nothing_new_is_taken_and_it_is_read_again_after(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    dispatcher, processor = setup()
+    consumer = FakeConsumer(TP0, TP1)
+    await submit_all(dispatcher, consumer, [rec(0, "a")])
+    await wait_until(lambda: consumer.committed(TP0) == 1)
+    dispatcher.fence("a member of another store")
+    assert consumer.pauses[-1] == {TP0, TP1}
+    await submit_all(dispatcher, consumer, [rec(1, "a"), rec(2, "b"), rec(5, "c", partition=1)])
+    await asyncio.sleep(0.05)
+    assert processor.done_offsets() == [0] and dispatcher.fenced
+    dispatcher.unfence()
+    # Read again from the first record turned away in each partition.
+    assert sorted(consumer.seeks) == sorted([(TP0, 1), (TP1, 5)])
+    assert consumer.resumes[-1] == {TP0, TP1}
+    await submit_all(dispatcher, consumer, [rec(1, "a"), rec(2, "b")])
+    await wait_until(lambda: consumer.committed(TP0) == 3)
 
 
 # -- intake --------------------------------------------------------------------------------------

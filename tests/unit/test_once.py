@@ -468,7 +468,7 @@ async def test_settle_publishes_the_definitive_result_once(make: Make, clock: Cl
     assert answered.result_id == result_id(SOURCE, "cmd-1", 1)
     assert handler.calls[-1] == ("settle", "cmd-1", "indeterminate")
     # When the call went out; nothing of the key ran here since.
-    assert handler.sent_calls[-1] == SentCall(T0, None, followed=False)
+    assert handler.sent_calls[-1] == SentCall(T0, None, later=())
 
     assert await once.settle(published) == 0
     assert len(published.items) == 1
@@ -488,6 +488,9 @@ async def test_settle_waits_while_the_upstream_cannot_tell(make: Make, clock: Cl
         await once.settle(published)
     assert published.items == []
     assert handler.called("settle") == 3
+    # Put off until the next interval, then looked at again.
+    assert await once.store.unsettled(limit=10) == []
+    clock.now += TIMING.settle_interval_s + 1
     [pending] = await once.store.unsettled(limit=10)
     assert pending.revision == 0
     assert await once.execute(redeem(), KEY) == first
@@ -499,7 +502,7 @@ async def test_the_before_image_reaches_recover_and_settle(make: Make, clock: Cl
     clock.now += TIMING.stale_after_s + 1
     handler = FakeHandler()
     await (await make(handler)).execute(command, KEY)
-    assert handler.sent_calls == [SentCall(T0, '{"held": true}')]
+    assert handler.sent_calls == [SentCall(T0, '{"held": true}', later=())]
 
 
 async def test_outside_the_window_it_is_left_to_an_operator(make: Make, clock: Clock) -> None:
@@ -770,6 +773,11 @@ async def test_a_command_older_than_the_retention_is_rejected_never_sent(make: M
     old = _aged(redeem("old"), TIMING.retention_s + 1)
     answered = await once.execute(old, KEY)
     assert (answered.data.outcome, answered.data.reason) == (Outcome.REJECTED, "command_expired")
+    # Not under the id its answer had before it was forgotten, and not recorded now.
+    from voucher_contracts.envelope import expired_result_id
+
+    assert answered.result_id == expired_result_id(SOURCE, "old") != result_id(SOURCE, "old")
+    assert not await once.store.known(CommandKey(SOURCE, "old"))
     # Without a `time`, the record's own timestamp tells its age.
     by_record = await once.execute(
         redeem("by-record"), KEY, Origin("t", 0, int((T0 - TIMING.retention_s - 1) * 1000))
@@ -777,6 +785,10 @@ async def test_a_command_older_than_the_retention_is_rejected_never_sent(make: M
     assert by_record.data.reason == "command_expired"
     young = await once.execute(_aged(redeem("young"), TIMING.retention_s - 1), KEY)
     assert young.data.outcome is Outcome.SUCCEEDED
+    # A `time` ahead of the clock does not make an old record young.
+    ahead = _aged(redeem("ahead"), -3600)
+    stamped = Origin("t", 0, int((T0 - TIMING.retention_s - 1) * 1000))
+    assert (await once.execute(ahead, KEY, stamped)).data.reason == "command_expired"
     assert handler.called("handle") == 1
 
 

@@ -493,7 +493,9 @@ async def test_not_redeemed_past_the_grace_is_failed() -> None:
     handler._apply_grace_s = 120.0
     young = await handler.settle(REDEEM, indeterminate_of(REDEEM), SentCall(time.time() - 60))
     assert young is None  # still may be under way at the shop
-    old = await handler.settle(REDEEM, indeterminate_of(REDEEM), SentCall(time.time() - 121))
+    old = await handler.settle(
+        REDEEM, indeterminate_of(REDEEM), SentCall(time.time() - 121, later=())
+    )
     assert old is not None and (old.outcome, old.reason) == (
         Outcome.FAILED,
         "upstream_unavailable",
@@ -505,19 +507,35 @@ async def test_not_redeemed_past_the_grace_is_failed() -> None:
 async def test_settling_within_the_grace_reads_only_while_the_till_is_at_that_bill() -> None:
     # The till has moved on: a scan would lock the old vouchers into its newer bill; wait.
     handler, client, _ = handler_for(REDEEMED, REDEEMED_2)
-    young = SentCall(time.time() - 5, followed=True)
+    young = SentCall(time.time() - 5, later=(REDEEM,))  # any later command
     assert await handler.settle(REDEEM, indeterminate_of(REDEEM), young) is None
     assert client.calls == []
     # Still at the redeem's bill: the scans are read as they are (and nothing is removed).
-    at_the_bill = SentCall(time.time() - 5, followed=False)
+    at_the_bill = SentCall(time.time() - 5, later=())
     settled = await handler.settle(REDEEM, indeterminate_of(REDEEM), at_the_bill)
     assert settled is not None and settled.outcome is Outcome.SUCCEEDED
     assert [route for _, route, _ in client.calls] == [Route.SCAN, Route.SCAN]
 
 
+async def test_redeemed_vouchers_a_later_command_used_prove_nothing() -> None:
+    # The cashier saw `indeterminate`, scanned the same vouchers into a new bill and redeemed
+    # them with a new command: their being redeemed may be that command's doing.
+    handler, _, _ = handler_for(REDEEMED, REDEEMED_2)
+    rescanned = command("pos.scan", {"voucher_code": "12345678"}, id_="later")
+    sent = SentCall(time.time() - 200, later=(rescanned,))
+    assert await handler.settle(REDEEM, indeterminate_of(REDEEM), sent) is None
+    # A later command of other vouchers does not cast doubt on these.
+    handler, _, _ = handler_for(REDEEMED, REDEEMED_2)
+    other = command("pos.scan", {"voucher_code": "55555555"}, id_="other")
+    settled = await handler.settle(
+        REDEEM, indeterminate_of(REDEEM), SentCall(time.time() - 200, later=(other,))
+    )
+    assert settled is not None and settled.outcome is Outcome.SUCCEEDED
+
+
 async def test_settling_within_the_grace_never_removes_what_the_redeem_may_still_take() -> None:
     handler, client, _ = handler_for(HELD, HELD)
-    at_the_bill = SentCall(time.time() - 5, followed=False)
+    at_the_bill = SentCall(time.time() - 5, later=())
     assert await handler.settle(REDEEM, indeterminate_of(REDEEM), at_the_bill) is None
     assert Route.REMOVE not in [route for _, route, _ in client.calls]
 

@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -450,6 +451,44 @@ async def test_settle_is_a_compare_and_set_on_revision(store: CommandStore) -> N
     assert await claim(store, command) == Claim(
         ClaimKind.DONE, result=result("succeeded"), revision=2
     )
+
+
+async def test_unsettled_leaves_out_what_is_leased_or_put_off_and_owned_elsewhere(
+    store: CommandStore,
+) -> None:
+    for n in (1, 2, 3):
+        await done(store, new(n), "indeterminate", unsettled=True)
+    one, two, three = new(1).key, new(2).key, new(3).key
+    assert await store.lease_settle(one, 0, A, 60)
+    assert not await store.lease_settle(one, 0, B, 60)  # one instance at a time
+    assert await store.lease_settle(one, 0, A, 60)  # its holder may take it again
+    assert await store.postpone_settle(two, 0, A, 60)
+    assert [u.key for u in await store.unsettled(limit=10)] == [three]
+    # Those from other partitions than the given ones are left out (these have none: they
+    # are from before partitions were kept, and count everywhere).
+    assert [u.key for u in await store.unsettled(10, partitions=[("t", 0)])] == [three]
+
+
+async def test_later_commands_and_known(store: CommandStore) -> None:
+    first = new(1)
+    await claimed(store, first)
+    assert await store.known(first.key) and not await store.known(new(9).key)
+    [pending] = [u for u in [await _unsettled_after_done(store, first)] if u]
+    assert await store.later_commands("till-1", pending.created_at, 10) == []
+    await claim(store, new(2), now=T0 + 1)
+    await claim(store, new(3), now=T0 + 2)
+    later = await store.later_commands("till-1", pending.created_at, 10)
+    assert later == [new(2).envelope, new(3).envelope]
+    assert await store.later_commands("another-till", 0, 10) == []
+
+
+async def _unsettled_after_done(store: CommandStore, command: NewCommand) -> Any:
+    await store.heartbeat(A)
+    again = await claim(store, command, A)
+    assert again.token is not None
+    await store.complete(command.key, again.token, result("indeterminate"), True, T0)
+    [pending] = [u for u in await store.unsettled(limit=10) if u.key == command.key]
+    return pending
 
 
 async def test_concurrent_settles_of_one_revision_give_one_winner(stores: OpenStore) -> None:

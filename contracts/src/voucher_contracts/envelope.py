@@ -142,6 +142,12 @@ def unrecorded_result_id(command_source: str, command_id: str) -> str:
     return str(uuid.uuid5(_RESULT_ID_NAMESPACE, f"{command_source}\x00{command_id}\x00unrecorded"))
 
 
+def expired_result_id(command_source: str, command_id: str) -> str:
+    """The id of the `command_expired` answer to a command older than the store's memory and
+    not in it: never the id of a result the command had before it was forgotten."""
+    return str(uuid.uuid5(_RESULT_ID_NAMESPACE, f"{command_source}\x00{command_id}\x00expired"))
+
+
 def content_hash(command: CommandEnvelope) -> str:
     """A stable digest of what a command asks for, to tell a replay from a reused key."""
     canonical = json.dumps(

@@ -155,7 +155,12 @@ class CouponCommandHandler:
         data = _data(command)
         unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
         decision = await self._reconcile(
-            command.subject, data, unknown, _Before.from_json(sent.before), sent.at
+            command.subject,
+            data,
+            unknown,
+            _Before.from_json(sent.before),
+            sent.at,
+            applied_proves=not _touched_later(data, sent.later),
         )
         if decision.outcome is Outcome.INDETERMINATE:
             return None
@@ -199,11 +204,34 @@ class CouponCommandHandler:
         unknown: Decision,
         before: _Before,
         sent_at: float | None,
+        applied_proves: bool = True,
     ) -> Decision:
         """What the API says now against what it said before. `succeeded` needs a read that
         shows the call applied; `failed` needs a read that shows it not applied once the call
         can no longer be under way at the API (`apply_grace_s` after it went out): until then
-        a lost answer stays `indeterminate`, with what was seen."""
+        a lost answer stays `indeterminate`, with what was seen.
+
+        `applied_proves` False: a later command of the account touched the same coupon (or
+        made the same creation), so what looks applied may be its doing; only what shows
+        this call not applied still counts (counts only grow, a refund is not undone)."""
+        decision = await self._reconciled(account, data, unknown, before, sent_at)
+        if decision.outcome is Outcome.SUCCEEDED and not applied_proves:
+            return Decision(
+                Outcome.INDETERMINATE,
+                unknown.reason,
+                "it looks applied, but a later command of the account touched the same coupon",
+                {"seen": decision.message or ""},
+            )
+        return decision
+
+    async def _reconciled(
+        self,
+        account: str,
+        data: CouponCommandData,
+        unknown: Decision,
+        before: _Before,
+        sent_at: float | None,
+    ) -> Decision:
         try:
             match data:
                 case Transfer(epin=epin, user=user):
@@ -227,13 +255,13 @@ class CouponCommandHandler:
                     if status == "not_refunded":
                         return self._not_applied(unknown, sent_at, "the coupon is not refunded")
                     return unknown
-                case Share(epin=epin, share_amount=amount):
+                case Share(epin=epin, share_amount=amount, email=email):
                     # Counted against the history before the call: an identical share made
                     # earlier is never taken for this one.
                     shares = None
                     if before.shares is not None:
                         shares = await self._history_count(
-                            account, "share", epin=epin, amount=amount
+                            account, "share", epin=epin, amount=amount, counterparty=email
                         )
                     if shares is not None and before.shares is not None:
                         if shares - before.shares == 1:
@@ -328,9 +356,11 @@ class CouponCommandHandler:
         wallet: str | None = None,
         epin: str | None = None,
         amount: Decimal | None = None,
+        counterparty: str | None = None,
     ) -> int | None:
         """How many entries of the account's history match; None when it cannot be read. The
-        API filters by `wallet` when given; the entries are still checked here."""
+        API filters by `wallet` when given; the entries are still checked here. An entry with
+        no `counterparty` is not told apart by one."""
         params = {"wallet": wallet} if wallet is not None else None
         answer, entries = await self._client.call_all_pages(account, "user/epin/history/", params)
         if answer.status != 200:
@@ -342,6 +372,7 @@ class CouponCommandHandler:
             and (wallet is None or e.get("wallet_type") == wallet)
             and (epin is None or str(e.get("epin")) == epin)
             and (amount is None or money(e.get("amount")) == amount)
+            and (counterparty is None or e.get("counterparty") in (None, counterparty))
         )
 
 
@@ -377,6 +408,24 @@ class _Before:
         if isinstance(known.get("balance"), str):
             known["balance"] = Decimal(known["balance"])
         return cls(**known)
+
+
+def _touched_later(data: CouponCommandData, later: tuple[CommandEnvelope, ...] | None) -> bool:
+    """Whether a later command of the account named the same coupon or made the same
+    creation (None: not known, so it may have)."""
+    if later is None:
+        return True
+    for command in later:
+        fields = command.data if isinstance(command.data, dict) else {}
+        match data:
+            case Create(wallet_type=wallet, epin_amount=amount):
+                same = command.type == "coupon.create" and fields.get("wallet_type") == wallet
+                if same and money(fields.get("epin_amount")) in (amount, None):
+                    return True
+            case Transfer(epin=epin) | Share(epin=epin) | Delete(epin=epin):
+                if str(fields.get("epin")) == epin:
+                    return True
+    return False
 
 
 def _data(command: CommandEnvelope) -> CouponCommandData:

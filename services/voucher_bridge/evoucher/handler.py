@@ -8,7 +8,6 @@ way at the shop (`apply_grace_s` after it went out), and `indeterminate` until t
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -19,13 +18,11 @@ from voucher_bridge.once import BeforeSend, SentCall
 from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
     Answer,
-    CallNotSent,
-    CallOutcomeUnknown,
     RetryPolicy,
     call_with_retries,
 )
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
-from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Scan
+from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Remove, Scan
 
 
 class PosCommandHandler:
@@ -129,11 +126,30 @@ class PosCommandHandler:
             return None
         unknown = Decision(Outcome.INDETERMINATE, previous.reason, previous.message)
         decision = await self._reconcile_redeem(
-            command.subject, data, unknown, sent.at, release=not in_grace
+            command.subject,
+            data,
+            unknown,
+            sent.at,
+            release=not in_grace,
+            redeemed_proves=not _codes_used_later(list(data.voucher_codes), sent.later),
         )
         if decision.outcome is Outcome.INDETERMINATE:
             return None
         return result(command, decision, previous.upstream)
+
+    async def _removed(self, terminal: str, code: str) -> bool:
+        """Remove a voucher from the till's bill (safe to repeat): whether the shop said so."""
+        removed = await call_with_retries(
+            functools.partial(self._client.call, terminal, Route.REMOVE, {"voucher_code": code}),
+            lambda answer: answer.status,
+            moves_money=False,
+            retry=self._retry,
+        )
+        answer = removed.outcome
+        return (
+            answer is not None
+            and decide("pos.remove", Remove(voucher_code=code), answer).outcome is Outcome.SUCCEEDED
+        )
 
     async def _reconcile_redeem(
         self,
@@ -143,10 +159,14 @@ class PosCommandHandler:
         sent_at: float | None,
         *,
         release: bool = False,
+        redeemed_proves: bool = True,
     ) -> Decision:
         """Ask the upstream about each code with a scan (a read that is safe to repeat while
         the codes are locked to this terminal): "already redeemed" means our redeem went
-        through; a price means the voucher is still held, unredeemed."""
+        through (unless `redeemed_proves` is False: a later command of the till used these
+        vouchers, so a redeem of its own may have); a price means the voucher is still held,
+        unredeemed. With `release`, each voucher found unredeemed is removed again (the scan
+        locked it to the till's bill of now); one that cannot be leaves it undecided."""
         states: dict[str, str] = {}
         for code in data.voucher_codes:
             # A scan is safe to repeat, so a dropped connection (a server closing a kept-alive
@@ -163,13 +183,19 @@ class PosCommandHandler:
             verdict = decide("pos.scan", Scan(voucher_code=code), answer)
             if verdict.outcome is Outcome.SUCCEEDED:
                 states[code] = "not_redeemed"
-                if release:
-                    with contextlib.suppress(CallNotSent, CallOutcomeUnknown):
-                        await self._client.call(terminal, Route.REMOVE, {"voucher_code": code})
+                if release and not await self._removed(terminal, code):
+                    return unknown  # scanned and removed again at the next look
             elif verdict.reason == "voucher_already_redeemed":
                 states[code] = "redeemed"
             else:
                 return unknown
+        if all(state == "redeemed" for state in states.values()) and not redeemed_proves:
+            return Decision(
+                Outcome.INDETERMINATE,
+                unknown.reason,
+                "every voucher is redeemed, but a later command of the till used them too",
+                {"voucher_states": states},
+            )
         if all(state == "redeemed" for state in states.values()):
             return Decision(
                 Outcome.SUCCEEDED,
@@ -196,6 +222,24 @@ class PosCommandHandler:
         return Decision(
             Outcome.INDETERMINATE, unknown.reason, unknown.message, {"voucher_states": states}
         )
+
+
+def _codes_used_later(codes: list[str], later: tuple[CommandEnvelope, ...] | None) -> bool:
+    """Whether a later command of the till named any of these vouchers (None: not known)."""
+    if later is None:
+        return True
+    wanted = set(codes)
+    for command in later:
+        data = command.data if isinstance(command.data, dict) else {}
+        named = data.get("voucher_codes"), data.get("voucher_code")
+        for value in named:
+            if isinstance(value, list) and wanted.intersection(
+                v for v in value if isinstance(v, str)
+            ):
+                return True
+            if isinstance(value, str) and value in wanted:
+                return True
+    return False
 
 
 def _decision(

@@ -92,6 +92,10 @@ class KeyOrderedDispatcher:
         self._commit_timeout_s = commit_timeout_s
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._assigned: set[TopicPartition] = set()  # by the group, as of the last rebalance
+        # While fenced, nothing new is taken (see `fence`); per partition, the first offset
+        # turned away, to read again from there once the fence is lifted.
+        self._fence: str | None = None
+        self._turned_away: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._in_flight = 0
         self._paused = False
@@ -111,6 +115,12 @@ class KeyOrderedDispatcher:
         if self._closing:
             return  # not accepted, so not committed: the next consumer reads it again
         self._consumer = consumer
+        if self._fence is not None:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in self._turned_away:
+                self._turned_away[tp] = record.offset
+                consumer.pause(tp)
+            return
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_loop(), name="offset-committer")
         tp = TopicPartition(record.topic, record.partition)
@@ -151,6 +161,42 @@ class KeyOrderedDispatcher:
             return
         lane = partition.lanes[key] = _Lane(deque([item]))
         lane.task = asyncio.create_task(self._run_lane(partition, key, lane))
+
+    def fence(self, reason: str) -> None:
+        """Take nothing new until `unfence`: fetching pauses, and a record fetched meanwhile
+        is turned away and read again afterwards (what runs already finishes)."""
+        if self._fence is None:
+            log.critical("taking no new records: %s", reason)
+        self._fence = reason
+        if self._consumer is not None:
+            self._consumer.pause(*self._consumer.assignment())
+
+    def unfence(self) -> None:
+        if self._fence is None:
+            return
+        self._fence = None
+        log.warning("taking records again")
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp, offset in self._turned_away.items():
+            if tp in consumer.assignment():
+                consumer.seek(tp, offset)
+        self._turned_away.clear()
+        if not self._paused:
+            consumer.resume(*consumer.assignment())
+
+    @property
+    def fenced(self) -> str | None:
+        return self._fence
+
+    def owned_partitions(self) -> set[tuple[str, int]]:
+        """The partitions the group gave this instance (as topic, partition)."""
+        return {
+            (tp.topic, tp.partition)
+            for tp in self._assigned
+            if not (p := self._partitions.get(tp)) or not p.revoked
+        }
 
     @property
     def in_flight(self) -> int:
@@ -242,7 +288,7 @@ class KeyOrderedDispatcher:
         # Resume below a low-water mark, not at the limit, so fetching does not flap.
         if self._paused and self._in_flight <= self._max_in_flight // 2 and not self._closing:
             self._paused = False
-            if self._consumer is not None:
+            if self._consumer is not None and self._fence is None:
                 self._consumer.resume(*self._consumer.assignment())
 
     # -- commits ------------------------------------------------------------------------------
@@ -352,6 +398,8 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._dispatcher._assigned.difference_update(revoked)
+        for tp in revoked:  # its next owner reads from the committed offset anyway
+            self._dispatcher._turned_away.pop(tp, None)
         if revoked:
             await self._dispatcher.drain(list(revoked))
 

@@ -87,6 +87,8 @@ class Unsettled:
     before: str | None = None
     topic: str | None = None
     partition: int | None = None
+    subject: str = ""
+    created_at: float = 0.0  # when it was first claimed (this service's clock)
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,29 @@ class CommandStore(Protocol):
         """Give the claim up, where it got to (received or sent), for the next owner."""
         ...
 
-    async def unsettled(self, limit: int) -> list[Unsettled]: ...
+    async def unsettled(
+        self, limit: int, partitions: Collection[tuple[str, int]] | None = None
+    ) -> list[Unsettled]:
+        """Results still to settle, those not looked at for longest first, leaving out those
+        leased (or put off) now; with `partitions`, only those read from them (and those from
+        before partitions were kept)."""
+        ...
+
+    async def postpone_settle(
+        self, key: CommandKey, revision: int, instance: str, delay_s: float
+    ) -> bool:
+        """Look at it again no sooner than `delay_s` from now (the lease, shortened or not)."""
+        ...
+
+    async def later_commands(self, subject: str, after: float, limit: int) -> list[str]:
+        """The envelopes of the subject's commands first claimed after `after`, oldest first:
+        what a till or an account did since (a settle must not take their effect for its own)."""
+        ...
+
+    async def known(self, key: CommandKey) -> bool:
+        """Whether the store has a record of the command (done, or under way)."""
+        ...
+
     async def lease_settle(
         self, key: CommandKey, revision: int, instance: str, lease_s: float
     ) -> bool:

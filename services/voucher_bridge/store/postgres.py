@@ -53,14 +53,6 @@ CREATE TABLE IF NOT EXISTS vb_commands (
 CREATE INDEX IF NOT EXISTS vb_commands_unsettled ON vb_commands (unsettled) WHERE unsettled;
 CREATE INDEX IF NOT EXISTS vb_commands_done_at ON vb_commands (updated_at) WHERE state = 'done';
 CREATE INDEX IF NOT EXISTS vb_commands_owner ON vb_commands (owner) WHERE owner IS NOT NULL;
-ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS kafka_topic TEXT;
-ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS kafka_partition INTEGER;
-ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS before_image TEXT;
-ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS settle_owner TEXT;
-ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS settle_until DOUBLE PRECISION;
-ALTER TABLE vb_commands ADD COLUMN IF NOT EXISTS needs_operator BOOLEAN NOT NULL DEFAULT FALSE;
-CREATE INDEX IF NOT EXISTS vb_commands_operator ON vb_commands (needs_operator)
-    WHERE needs_operator;
 CREATE TABLE IF NOT EXISTS vb_instances (
     id TEXT PRIMARY KEY, heartbeat_at DOUBLE PRECISION NOT NULL
 );
@@ -69,6 +61,22 @@ CREATE TABLE IF NOT EXISTS vb_terminal_sessions (
 );
 """
 
+
+# Columns added after the first release: added where missing (looked up first, so that a start
+# does not take ALTER TABLE's exclusive lock when nothing is missing), and their indexes.
+ADDED_COLUMNS = {
+    "kafka_topic": "TEXT",
+    "kafka_partition": "INTEGER",
+    "before_image": "TEXT",
+    "settle_owner": "TEXT",
+    "settle_until": "DOUBLE PRECISION",
+    "needs_operator": "BOOLEAN NOT NULL DEFAULT FALSE",
+}
+ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS vb_commands_operator ON vb_commands (needs_operator)
+    WHERE needs_operator;
+CREATE INDEX IF NOT EXISTS vb_commands_subject ON vb_commands (subject, created_at);
+"""
 
 _DB_NOW = "extract(epoch from clock_timestamp())"
 
@@ -95,6 +103,15 @@ class PostgresStore:
         async with self._pool.connection() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock(727274)")
             await db.execute(SCHEMA)
+            cursor = await db.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'vb_commands'"
+            )
+            have = {row[0] for row in await cursor.fetchall()}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in have:
+                    await db.execute(f"ALTER TABLE vb_commands ADD COLUMN {name} {kind}")
+            await db.execute(ADDED_INDEXES)
 
     async def close(self) -> None:
         if self._liveness is not None:
@@ -231,27 +248,62 @@ class PostgresStore:
         )
         return updated == 1
 
-    async def unsettled(self, limit: int) -> list[Unsettled]:
-        return await self._select_done("unsettled", limit)
+    async def unsettled(
+        self, limit: int, partitions: Collection[tuple[str, int]] | None = None
+    ) -> list[Unsettled]:
+        where = f"unsettled AND (settle_until IS NULL OR settle_until < {_DB_NOW})"
+        params: list[Any] = []
+        if partitions is not None:
+            owned = list(partitions)
+            where += (
+                " AND (kafka_topic IS NULL OR (kafka_topic, kafka_partition) IN "
+                "(SELECT * FROM unnest(%s::text[], %s::int[])))"
+            )
+            params += [[t for t, _ in owned], [p for _, p in owned]]
+        return await self._select_done(where, params, limit, "coalesce(settle_until, 0)")
 
     async def needing_operator(self, limit: int) -> list[Unsettled]:
-        return await self._select_done("needs_operator", limit)
+        return await self._select_done("needs_operator", [], limit, "updated_at")
 
-    async def _select_done(self, where: str, limit: int) -> list[Unsettled]:
+    async def _select_done(
+        self, where: str, params: list[Any], limit: int, order: str
+    ) -> list[Unsettled]:
         async with self._pool.connection() as db:
             cursor = await db.execute(
                 "SELECT source, id, envelope, record_key, result, revision, sent_at, "
-                "before_image, kafka_topic, kafka_partition "
-                f"FROM vb_commands WHERE {where} AND state = 'done' ORDER BY updated_at LIMIT %s",
-                (limit,),
+                "before_image, kafka_topic, kafka_partition, subject, created_at "
+                f"FROM vb_commands WHERE {where} AND state = 'done' ORDER BY {order} LIMIT %s",
+                (*params, limit),
             )
             rows = await cursor.fetchall()
-        return [
-            Unsettled(
-                CommandKey(r[0], r[1]), r[2], _bytes(r[3]), r[4], r[5], r[6], r[7], r[8], r[9]
+        return [Unsettled(CommandKey(r[0], r[1]), r[2], _bytes(r[3]), *r[4:]) for r in rows]
+
+    async def postpone_settle(
+        self, key: CommandKey, revision: int, instance: str, delay_s: float
+    ) -> bool:
+        updated = await self._execute(
+            f"UPDATE vb_commands SET settle_owner = %s, settle_until = {_DB_NOW} + %s "
+            "WHERE source = %s AND id = %s AND revision = %s AND state = 'done'",
+            (instance, delay_s, key.source, key.id, revision),
+        )
+        return updated == 1
+
+    async def later_commands(self, subject: str, after: float, limit: int) -> list[str]:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT envelope FROM vb_commands WHERE subject = %s AND created_at > %s "
+                "ORDER BY created_at LIMIT %s",
+                (subject, after, limit),
             )
-            for r in rows
-        ]
+            rows = await cursor.fetchall()
+        return [r[0] for r in rows]
+
+    async def known(self, key: CommandKey) -> bool:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT 1 FROM vb_commands WHERE source = %s AND id = %s", (key.source, key.id)
+            )
+            return await cursor.fetchone() is not None
 
     async def lease_settle(
         self, key: CommandKey, revision: int, instance: str, lease_s: float

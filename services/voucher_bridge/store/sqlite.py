@@ -92,6 +92,7 @@ def _add_columns(db: sqlite3.Connection) -> None:
             "CREATE INDEX IF NOT EXISTS commands_operator ON commands (needs_operator) "
             "WHERE needs_operator = 1"
         )
+        db.execute("CREATE INDEX IF NOT EXISTS commands_subject ON commands (subject, created_at)")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -338,26 +339,67 @@ class SqliteStore:
 
         return bool(await self._run(release))
 
-    async def unsettled(self, limit: int) -> list[Unsettled]:
-        return await self._select_done("unsettled = 1", limit)
+    async def unsettled(
+        self, limit: int, partitions: Collection[tuple[str, int]] | None = None
+    ) -> list[Unsettled]:
+        now = self._clock()
+        where = "unsettled = 1 AND (settle_until IS NULL OR settle_until < ?)"
+        params: list[Any] = [now]
+        if partitions is not None:
+            owned = list(partitions)
+            pairs = " OR ".join("(kafka_topic = ? AND kafka_partition = ?)" for _ in owned)
+            where += f" AND (kafka_topic IS NULL{' OR ' + pairs if pairs else ''})"
+            params += [v for pair in owned for v in pair]
+        return await self._select_done(where, params, limit, "coalesce(settle_until, 0)")
 
     async def needing_operator(self, limit: int) -> list[Unsettled]:
-        return await self._select_done("needs_operator = 1", limit)
+        return await self._select_done("needs_operator = 1", [], limit, "updated_at")
 
-    async def _select_done(self, where: str, limit: int) -> list[Unsettled]:
+    async def _select_done(
+        self, where: str, params: list[Any], limit: int, order: str
+    ) -> list[Unsettled]:
         def select(db: sqlite3.Connection) -> list[Unsettled]:
             rows = db.execute(
                 "SELECT source, id, envelope, record_key, result, revision, sent_at, "
-                "before_image, kafka_topic, kafka_partition "
-                f"FROM commands WHERE {where} AND state = 'done' ORDER BY updated_at LIMIT ?",
-                (limit,),
+                "before_image, kafka_topic, kafka_partition, subject, created_at "
+                f"FROM commands WHERE {where} AND state = 'done' ORDER BY {order} LIMIT ?",
+                (*params, limit),
             ).fetchall()
-            return [
-                Unsettled(CommandKey(r[0], r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
-                for r in rows
-            ]
+            return [Unsettled(CommandKey(r[0], r[1]), *r[2:]) for r in rows]
 
         return await self._run(select)
+
+    async def postpone_settle(
+        self, key: CommandKey, revision: int, instance: str, delay_s: float
+    ) -> bool:
+        until = self._clock() + delay_s
+
+        def postpone(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET settle_owner = ?, settle_until = ? "
+                "WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
+                (instance, until, key.source, key.id, revision),
+            ).rowcount
+
+        return bool(await self._run(postpone))
+
+    async def later_commands(self, subject: str, after: float, limit: int) -> list[str]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT envelope FROM commands WHERE subject = ? AND created_at > ? "
+                "ORDER BY created_at LIMIT ?",
+                (subject, after, limit),
+            ).fetchall()
+        )
+        return [r[0] for r in rows]
+
+    async def known(self, key: CommandKey) -> bool:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT 1 FROM commands WHERE source = ? AND id = ?", (key.source, key.id)
+            ).fetchone()
+        )
+        return row is not None
 
     async def lease_settle(
         self, key: CommandKey, revision: int, instance: str, lease_s: float
