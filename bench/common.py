@@ -102,7 +102,8 @@ def _command(seq: int, rng: random.Random, terminal_index: int, run: str) -> Com
         "source": f"/stores/bench/pos/{terminal}",
         "type": type_,
         "subject": terminal,
-        "time": "2026-11-21T09:30:00Z",
+        # Now, not a fixed date: a command older than the store's retention is refused unsent.
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "datacontenttype": "application/json",
         "data": data,
     }

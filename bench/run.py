@@ -139,7 +139,7 @@ class Run:
     scenario: Scenario
     kind: str  # "burst" (as fast as possible) or "paced"
     n: int
-    status: str = "ok"  # ok | timeout | crashed | skipped
+    status: str = "ok"  # ok | timeout | crashed | skipped | wrong (answers the load never gets)
     received: int = 0
     rate_offered: float | None = None  # paced: commands/s sent
     produce_s: float = 0.0  # first send → last send
@@ -275,6 +275,9 @@ class CpuMeter:
 # --- Kafka side ----------------------------------------------------------------------------------
 
 _COMMAND_ID = re.compile(rb'"command_id"\s*:\s*"([^"]+)"')
+# The load's commands succeed (bill totals) or are rejected (scans of unknown vouchers); any
+# other answer (failed, indeterminate, command_expired) means the run did not measure the work.
+_UNEXPECTED = re.compile(rb'"outcome":\s*"(?:failed|indeterminate)"|"reason":\s*"command_expired"')
 
 
 class ResultsReader:
@@ -291,6 +294,7 @@ class ResultsReader:
             fetch_max_wait_ms=100,
         )
         self.arrivals: dict[str, int] = {}
+        self.unexpected = 0  # results the load never gets (see _UNEXPECTED)
         self._expected: set[str] = set()
         self._missing = 0
         self._complete = asyncio.Event()
@@ -320,6 +324,8 @@ class ResultsReader:
                     if command_id in self.arrivals:
                         continue  # a republished result: the first one counts
                     self.arrivals[command_id] = now
+                    if _UNEXPECTED.search(record.value or b""):
+                        self.unexpected += 1
                     if command_id in self._expected:
                         self._missing -= 1
             if self._expected and self._missing <= 0:
@@ -341,7 +347,7 @@ class ResultsReader:
                 return "timeout"
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._complete.wait(), 0.5)
-        return "ok"
+        return "wrong" if self.unexpected else "ok"
 
 
 class Load:

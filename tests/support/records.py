@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import strategies as st
@@ -88,7 +89,8 @@ def valid_event(subject: str, type_: str, command_id: str | None = None) -> dict
         "source": f"/stores/property/pos/{subject}",
         "type": type_,
         "subject": subject,
-        "time": "2026-12-01T10:00:00Z",
+        # Now: a command older than the store's retention would be refused unsent.
+        "time": datetime.now(UTC).isoformat(),
         "datacontenttype": "application/json",
         "data": dict(POS_DATA[type_]),
     }

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
@@ -116,7 +117,7 @@ class TillWorkload:
                 "source": f"/stores/test/pos/{command.till}",
                 "type": command.type,
                 "subject": command.till,
-                "time": "2026-12-01T10:00:00Z",
+                "time": datetime.now(UTC).isoformat(),
                 "data": data,
             }
         ).encode()
