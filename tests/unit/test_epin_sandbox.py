@@ -19,6 +19,7 @@ import pytest
 from starlette.applications import Starlette
 
 from tests.support.clock import FakeClock
+from tests.support.servers import serving_port
 from voucher_bridge.sandbox.epin import (
     MSG_AMOUNT_RANGE,
     MSG_BLANK,
@@ -59,7 +60,7 @@ from voucher_bridge.sandbox.epin import (
 from voucher_bridge.sandbox.faults import ConnectionDropped, FaultConfig
 
 if TYPE_CHECKING:
-    import uvicorn
+    pass
 
 SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
 
@@ -1299,12 +1300,7 @@ async def test_drop_after_apply_over_a_real_socket(caplog: pytest.LogCaptureFixt
     server = build_epin_server("127.0.0.1", 0, SEED_PATH, faults)
     task = asyncio.create_task(server.serve())
     try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = await serving_port(server)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             access = (await login(client))["access"]
             with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
@@ -1323,16 +1319,6 @@ async def test_drop_after_apply_over_a_real_socket(caplog: pytest.LogCaptureFixt
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
-
-
-async def serving_port(server: uvicorn.Server) -> int:
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
-    port: int = server.servers[0].sockets[0].getsockname()[1]
-    return port
 
 
 async def test_apply_late_over_a_real_socket(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 
 from tests.support.clock import FakeClock
+from tests.support.servers import serving_port
 from voucher_bridge.sandbox.evoucher import (
     EvoucherSandbox,
     EvoucherSeed,
@@ -40,7 +41,7 @@ from voucher_bridge.sandbox.faults import (
 from voucher_bridge.sandbox.server import build_evoucher_server
 
 if TYPE_CHECKING:
-    import uvicorn
+    pass
 
 SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "evoucher-seed.json"
 
@@ -872,12 +873,7 @@ async def test_drop_after_apply_over_a_real_socket(caplog: pytest.LogCaptureFixt
     server = build_evoucher_server("127.0.0.1", 0, SEED_PATH, faults)
     task = asyncio.create_task(server.serve())
     try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = await serving_port(server)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             await bill(client, 50)
             r = await call(client, "scan_voucher_api", {"voucher_code": V50})
@@ -928,16 +924,6 @@ def test_seed_file_is_valid_json() -> None:
     codes = [v["code"] for v in seed["vouchers"]]
     assert len(codes) == len(set(codes))
     assert {t["machine_name"] for t in seed["terminals"]} >= set(MACHINES.values())
-
-
-async def serving_port(server: uvicorn.Server) -> int:
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
-    port: int = server.servers[0].sockets[0].getsockname()[1]
-    return port
 
 
 async def test_apply_late_over_a_real_socket(caplog: pytest.LogCaptureFixture) -> None:
