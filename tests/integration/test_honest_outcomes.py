@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EpinSandbox, Stack
-from tests.support.workload import final_results, service_env
+from tests.support.workload import final_results, service_env, wait_for_log
 from voucher_bridge.localstack import (
     CommandProducer,
     ResultReader,
@@ -367,7 +367,7 @@ async def test_an_instance_with_a_store_of_its_own_is_refused(stack: Any, tmp_pa
     env = service_env(s)
     first = start_service(env, tmp_path / "first.log")
     try:
-        await _wait_for_log(first, "assigned", 30)
+        await wait_for_log(first, "assigned", 30)
         own = start_service(
             {**env, "IDEMPOTENCY_STORE_URL": f"sqlite:///{tmp_path / 'other.sqlite3'}"},
             tmp_path / "own.log",
@@ -421,14 +421,6 @@ async def test_two_instances_started_at_once_with_stores_of_their_own_send_nothi
     finally:
         one.stop()
         two.stop()
-
-
-async def _wait_for_log(process: Any, text: str, within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while text not in process.log_path.read_text(errors="replace"):
-        assert process.alive(), process.log_path.read_text()[-2000:]
-        assert time.monotonic() < deadline, f"{process.log_path} never said {text!r}"
-        await asyncio.sleep(0.2)
 
 
 # -- Epin tokens refused before their exp -------------------------------------------------------

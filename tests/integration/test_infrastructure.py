@@ -21,6 +21,7 @@ from tests.support.workload import (
     check_till_results,
     read_until_answered,
     service_env,
+    wait_for_log,
 )
 from voucher_bridge.localstack import CommandProducer, Process, ResultReader, start_service
 
@@ -150,7 +151,7 @@ async def test_an_upstream_hanging_past_the_drain_timeout_during_a_rebalance(
         run = asyncio.create_task(workload.run(1))
         await asyncio.sleep(3)  # the first scans hang in the first instance
         second = start_service(env, tmp_path / "second.log")
-        await _logged(first, "drain timed out", within_s=30)
+        await wait_for_log(first, "drain timed out", within_s=30)
         s.sandbox.faults(latency_ms=0, routes=None)
         await asyncio.wait_for(run, 120)
         await _finish(s, workload, first, double_before, "upstream hanging during a rebalance")
@@ -160,10 +161,3 @@ async def test_an_upstream_hanging_past_the_drain_timeout_during_a_rebalance(
         first.stop()
         if second is not None:
             second.stop()
-
-
-async def _logged(process: Process, text: str, within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while text not in process.log_path.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"{process.log_path} never said {text!r}"
-        await asyncio.sleep(0.2)

@@ -210,3 +210,12 @@ async def read_until_answered(
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(ids - answered)} of {len(ids)} commands unanswered")
         await reader.poll(0.5)
+
+
+async def wait_for_log(process: Any, text: str, within_s: float) -> None:
+    """Wait until a service process's log says `text`; it must stay alive meanwhile."""
+    deadline = time.monotonic() + within_s
+    while text not in process.log_path.read_text(errors="replace"):
+        assert process.alive(), process.log_path.read_text(errors="replace")[-2000:]
+        assert time.monotonic() < deadline, f"{process.log_path} never said {text!r}"
+        await asyncio.sleep(0.2)
