@@ -19,7 +19,7 @@ $(CURDIR)/var/tools/bin/uv:
 	python3 -m venv var/tools
 	var/tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-.venv/.synced: pyproject.toml uv.lock contracts/pyproject.toml | $(UV)
+.venv/.synced: pyproject.toml uv.lock contracts/pyproject.toml sandboxes/pyproject.toml | $(UV)
 	$(UV) sync --frozen
 	@touch $@
 
@@ -38,7 +38,7 @@ topics: sync kafka-up
 demo: sync
 	@if $(KAFKA) status >/dev/null 2>&1; then started=0; else started=1; fi; \
 	$(KAFKA) up || exit 1; \
-	$(UV) run voucher-bridge demo; rc=$$?; \
+	$(UV) run voucher-sandbox demo; rc=$$?; \
 	if [ $$started = 1 ]; then $(KAFKA) down; fi; \
 	exit $$rc
 
@@ -46,7 +46,7 @@ run: sync
 	$(UV) run voucher-bridge run
 
 sandbox: sync
-	$(UV) run voucher-bridge sandbox evoucher
+	$(UV) run voucher-sandbox evoucher
 
 lint: sync
 	$(UV) run ruff check .

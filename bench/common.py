@@ -35,12 +35,12 @@ MAX_TERMINALS = 1000
 
 
 def machine_name(i: int) -> str:
-    # voucher_bridge.sandbox.evoucher.generated_machine_name
+    # voucher_sandboxes.evoucher.generated_machine_name
     return f"gen-till-{i:06d}"
 
 
 def token(i: int) -> str:
-    # voucher_bridge.sandbox.evoucher.generated_token, with the benchmark's prefix
+    # voucher_sandboxes.evoucher.generated_token, with the benchmark's prefix
     return f"{TOKEN_PREFIX}{i:06d}"
 
 

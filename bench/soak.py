@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from tests.support.kafka import create_topic, ensure_kafka
 
-from voucher_bridge.localstack import free_port, start_sandbox, start_service
+from voucher_sandboxes.localstack import free_port, start_sandbox, start_service
 
 RETENTION_S = 60
 PURGE_INTERVAL_S = 10

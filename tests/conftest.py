@@ -15,14 +15,14 @@ from hypothesis import settings as hypothesis_settings
 
 from tests.support.kafka import create_topic, ensure_kafka, unique_topic
 from voucher_bridge.app import Service
-from voucher_bridge.localstack import (
+from voucher_bridge.settings import Settings
+from voucher_sandboxes.localstack import (
     Process,
     epin_settings,
     free_port,
     start_epin_sandbox,
     start_sandbox,
 )
-from voucher_bridge.settings import Settings
 
 
 @pytest.fixture(scope="session")

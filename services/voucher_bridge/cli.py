@@ -9,10 +9,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from voucher_bridge.sandbox.faults import FaultConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,31 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     spec = commands.add_parser("asyncapi", help="write the AsyncAPI document")
     spec.add_argument("--out", type=Path, default=Path("contracts/asyncapi.json"))
 
-    sandbox = commands.add_parser("sandbox", help="run an upstream API sandbox")
-    which = sandbox.add_subparsers(dest="sandbox", required=True)
-    # What both sandboxes take: where to listen, and the faults to inject.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--host", default="127.0.0.1")
-    common.add_argument("--latency-ms", type=float, default=0.0)
-    common.add_argument("--error-rate", type=float, default=0.0)
-    common.add_argument("--timeout-rate", type=float, default=0.0)
-    common.add_argument("--drop-after-apply-rate", type=float, default=0.0)
-
-    evoucher = which.add_parser("evoucher", parents=[common], help="the eVOUCHER POS API sandbox")
-    evoucher.add_argument("--port", type=int, default=8081)
-    evoucher.add_argument("--seed", type=Path, default=Path("deploy/sandbox/evoucher-seed.json"))
-    evoucher.add_argument("--no-strict-session", action="store_true")
-
-    epin = which.add_parser("epin", parents=[common], help="the Epixel Epin coupons API sandbox")
-    epin.add_argument("--port", type=int, default=8082)
-    epin.add_argument("--seed", type=Path, default=Path("deploy/sandbox/epin-seed.json"))
-    epin.add_argument("--access-ttl-s", type=float, default=None)
-
-    demo = commands.add_parser(
-        "demo", help="start the sandboxes and the service, play POS and coupon flows"
-    )
-    demo.add_argument("--timeout", type=float, default=60.0)
-
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
@@ -72,14 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         return _asyncapi(args.out)
     if args.command == "unsettled":
         return asyncio.run(_unsettled(args.limit))
-    if args.command == "sandbox" and args.sandbox == "epin":
-        return _sandbox_epin(args)
-    if args.command == "sandbox":
-        return _sandbox_evoucher(args)
-    if args.command == "demo":
-        from voucher_bridge.demo import play
-
-        return asyncio.run(play(timeout_s=args.timeout))
     return 2
 
 
@@ -149,36 +112,6 @@ def _asyncapi(out: Path) -> int:
     document = Service(Settings.model_construct()).asyncapi_document()
     out.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")
-    return 0
-
-
-def _faults(args: argparse.Namespace) -> FaultConfig:
-    from voucher_bridge.sandbox.faults import FaultConfig
-
-    return FaultConfig(
-        latency_ms=args.latency_ms,
-        error_rate=args.error_rate,
-        timeout_rate=args.timeout_rate,
-        drop_after_apply_rate=args.drop_after_apply_rate,
-    )
-
-
-def _sandbox_evoucher(args: argparse.Namespace) -> int:
-    from voucher_bridge.sandbox.server import serve_evoucher
-
-    serve_evoucher(
-        args.host, args.port, args.seed, _faults(args), strict_session=not args.no_strict_session
-    )
-    return 0
-
-
-def _sandbox_epin(args: argparse.Namespace) -> int:
-    from voucher_bridge.sandbox.epin import build_epin_server
-
-    server = build_epin_server(
-        args.host, args.port, args.seed, _faults(args), access_ttl_s=args.access_ttl_s
-    )
-    server.run()
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conftest import Stack
-from voucher_bridge.localstack import CommandProducer, ResultReader
+from voucher_sandboxes.localstack import CommandProducer, ResultReader
 
 
 def _calls(s: Stack, route: str) -> int:

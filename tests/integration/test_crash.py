@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import EpinSandbox, Stack
 from tests.support.workload import service_env
-from voucher_bridge.localstack import (
+from voucher_sandboxes.localstack import (
     CommandProducer,
     Process,
     ResultReader,

@@ -22,8 +22,8 @@ from tests.conftest import EpinSandbox, Stack
 from tests.support.kafka import create_topic, unique_topic
 from tests.support.records import GeneratedRecord, any_record, reproducers
 from voucher_bridge.app import Service
-from voucher_bridge.localstack import CommandProducer, ResultReader
 from voucher_contracts import deadletter as dlq
+from voucher_sandboxes.localstack import CommandProducer, ResultReader
 
 TERMINALS = 150
 # Each example's records and its probe must be answered within this (the service's command

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Stack
-from voucher_bridge.localstack import CommandProducer, ResultReader
 from voucher_contracts import result_id
+from voucher_sandboxes.localstack import CommandProducer, ResultReader
 
 BOTH_STORES = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 

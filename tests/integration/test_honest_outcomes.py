@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import EpinSandbox, Stack
 from tests.support.workload import final_results, service_env, wait_for_log
-from voucher_bridge.localstack import (
+from voucher_sandboxes.localstack import (
     CommandProducer,
     ResultReader,
     SentCommand,

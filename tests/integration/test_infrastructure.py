@@ -23,7 +23,7 @@ from tests.support.workload import (
     service_env,
     wait_for_log,
 )
-from voucher_bridge.localstack import CommandProducer, Process, ResultReader, start_service
+from voucher_sandboxes.localstack import CommandProducer, Process, ResultReader, start_service
 
 TILLS = 10
 BILLS = 4

@@ -10,9 +10,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conftest import Stack
-from voucher_bridge.localstack import CommandProducer, ResultReader, trace_id_of
 from voucher_contracts import deadletter as dlq
 from voucher_contracts import result_id
+from voucher_sandboxes.localstack import CommandProducer, ResultReader, trace_id_of
 
 
 async def test_pos_sessions_end_to_end(stack: Any) -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import EpinSandbox, Stack
-from voucher_bridge.localstack import (
+from voucher_sandboxes.localstack import (
     CommandProducer,
     ResultReader,
     free_port,

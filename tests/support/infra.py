@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.support.kafka import KAFKA_SH
 from tests.support.postgres import PG_SH
-from voucher_bridge.localstack import free_port
+from voucher_sandboxes.localstack import free_port
 
 
 class PrivateBroker:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from voucher_bridge.localstack import ReceivedResult, new_traceparent
+from voucher_sandboxes.localstack import ReceivedResult, new_traceparent
 
 if TYPE_CHECKING:
     from tests.conftest import Stack

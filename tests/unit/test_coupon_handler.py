@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,13 +18,14 @@ from starlette.applications import Starlette
 from voucher_bridge.epin.client import Credentials, EpinClient
 from voucher_bridge.epin.handler import CouponCommandHandler
 from voucher_bridge.once import SentCall
-from voucher_bridge.sandbox.epin import EpinSandbox, User, create_app, token_checksum
-from voucher_bridge.sandbox.faults import ConnectionDropped, FaultConfig, FaultInjector
 from voucher_bridge.upstream import RetryPolicy
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
 from voucher_contracts.coupon import COUPON_COMMAND_TYPES
+from voucher_sandboxes import SEEDS
+from voucher_sandboxes.epin import EpinSandbox, User, create_app, token_checksum
+from voucher_sandboxes.faults import ConnectionDropped, FaultConfig, FaultInjector
 
-SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
+SEED_PATH = SEEDS / "epin-seed.json"
 BASE = "http://epin.test/api/v1"
 API_KEY = "sbx-epin-apikey-6d1f0c9a3b7e4a25"
 MAIN, MAIN_PW, MAIN_TOKEN = "backoffice-cy", "sbx-backoffice-Pa55", "MT-BCY-482917"

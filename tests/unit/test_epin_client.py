@@ -15,7 +15,6 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,11 +23,12 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from voucher_bridge.epin.client import Credentials, EpinClient, Unauthorized
-from voucher_bridge.sandbox.epin import EpinSandbox, create_app, parse_body
-from voucher_bridge.sandbox.faults import FaultConfig
 from voucher_bridge.upstream import CallNotSent, CallOutcomeUnknown
+from voucher_sandboxes import SEEDS
+from voucher_sandboxes.epin import EpinSandbox, create_app, parse_body
+from voucher_sandboxes.faults import FaultConfig
 
-SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
+SEED_PATH = SEEDS / "epin-seed.json"
 BASE = "http://epin.test/api/v1"
 API_KEY = "sbx-epin-apikey-6d1f0c9a3b7e4a25"
 MAIN, MAIN_PW = "backoffice-cy", "sbx-backoffice-Pa55"

@@ -8,14 +8,12 @@ the last tests take the answers from the Epin sandbox's state machine itself.
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
 from voucher_bridge.epin.decisions import MONEY_MOVING, PAGINATED, Request, decide, request_for
-from voucher_bridge.sandbox.epin import EpinSandbox, token_checksum
 from voucher_bridge.upstream import Answer
 from voucher_contracts import Outcome
 from voucher_contracts.coupon import (
@@ -30,8 +28,10 @@ from voucher_contracts.coupon import (
     Share,
     Transfer,
 )
+from voucher_sandboxes import SEEDS
+from voucher_sandboxes.epin import EpinSandbox, token_checksum
 
-SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
+SEED_PATH = SEEDS / "epin-seed.json"
 MAIN, MAIN_PW, MAIN_TOKEN = "backoffice-cy", "sbx-backoffice-Pa55", "MT-BCY-482917"
 API_KEY = "sbx-epin-apikey-6d1f0c9a3b7e4a25"
 

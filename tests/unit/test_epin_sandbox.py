@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -20,7 +19,8 @@ from starlette.applications import Starlette
 
 from tests.support.clock import FakeClock
 from tests.support.servers import serving_port
-from voucher_bridge.sandbox.epin import (
+from voucher_sandboxes import SEEDS
+from voucher_sandboxes.epin import (
     MSG_AMOUNT_RANGE,
     MSG_BLANK,
     MSG_COUPON_NOT_FOUND,
@@ -57,12 +57,12 @@ from voucher_bridge.sandbox.epin import (
     parse_body,
     token_checksum,
 )
-from voucher_bridge.sandbox.faults import ConnectionDropped, FaultConfig
+from voucher_sandboxes.faults import ConnectionDropped, FaultConfig
 
 if TYPE_CHECKING:
     pass
 
-SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "epin-seed.json"
+SEED_PATH = SEEDS / "epin-seed.json"
 
 API_KEY = "sbx-epin-apikey-6d1f0c9a3b7e4a25"
 MAIN, MAIN_PW, MAIN_TOKEN = "backoffice-cy", "sbx-backoffice-Pa55", "MT-BCY-482917"

@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -20,7 +19,8 @@ from starlette.applications import Starlette
 
 from tests.support.clock import FakeClock
 from tests.support.servers import serving_port
-from voucher_bridge.sandbox.evoucher import (
+from voucher_sandboxes import SEEDS
+from voucher_sandboxes.evoucher import (
     EvoucherSandbox,
     EvoucherSeed,
     GenerateSpec,
@@ -32,18 +32,18 @@ from voucher_bridge.sandbox.evoucher import (
     generated_token,
     generated_voucher_code,
 )
-from voucher_bridge.sandbox.faults import (
+from voucher_sandboxes.faults import (
     ConnectionDropped,
     FaultConfig,
     FaultInjector,
     FaultKind,
 )
-from voucher_bridge.sandbox.server import build_evoucher_server
+from voucher_sandboxes.server import build_evoucher_server
 
 if TYPE_CHECKING:
     pass
 
-SEED_PATH = Path(__file__).resolve().parents[2] / "deploy" / "sandbox" / "evoucher-seed.json"
+SEED_PATH = SEEDS / "evoucher-seed.json"
 
 TILL1 = "sbx-lim3-till1-4f9c2a7e1b8d4c3a"  # limassol-3-till-1
 TILL2 = "sbx-lim3-till2-9e1d7b3c5a2f4e8b"  # limassol-3-till-2, same store

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import uvicorn
 
 # Where `SandboxStarlette` keeps the server's own `send`, before any middleware wraps it.
-RAW_SEND_KEY = "voucher_bridge.sandbox.raw_send"
+RAW_SEND_KEY = "voucher_sandboxes.raw_send"
 
 
 class FaultConfig(BaseModel):

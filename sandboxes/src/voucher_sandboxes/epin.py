@@ -3,7 +3,7 @@
 `EpinSandbox` is the state machine (no HTTP: one method per endpoint, each returning
 `(http_status, json_body)`); `create_app` puts it behind the upstream's URLs and headers and the
 shared fault injection, plus an admin API under `/_sandbox/`; `build_epin_server` runs it
-with uvicorn (`python -m voucher_bridge.sandbox.epin_server`).
+with uvicorn (`python -m voucher_sandboxes.epin_server`).
 
 FROM THE VENDOR'S FILES (/work/shared/upstream/epin-coupons-api.txt and the vendor's
 authentication page as summarised in NOTES.md): the endpoint paths and methods, the `apikey` and
@@ -128,7 +128,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from voucher_bridge.sandbox.faults import (
+from voucher_sandboxes.faults import (
     FaultConfig,
     FaultInjector,
     FaultKind,

@@ -1,6 +1,6 @@
 """Run the eVOUCHER sandbox with uvicorn (`voucher-bridge sandbox evoucher --port 8081 --seed ...`).
 
-Also runnable alone: `python -m voucher_bridge.sandbox.server --port 8081 --seed <file>`.
+Also runnable alone: `python -m voucher_sandboxes.server --port 8081 --seed <file>`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import uvicorn
 
-from voucher_bridge.sandbox.evoucher import DEFAULT_LOCK_TTL_S, EvoucherSandbox, create_app
-from voucher_bridge.sandbox.faults import FaultConfig, sandbox_server
+from voucher_sandboxes.evoucher import DEFAULT_LOCK_TTL_S, EvoucherSandbox, create_app
+from voucher_sandboxes.faults import FaultConfig, sandbox_server
 
 
 def build_evoucher_server(

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from voucher_bridge.sandbox.faults import (
+from voucher_sandboxes.faults import (
     FaultConfig,
     FaultInjector,
     FaultKind,

@@ -1,5 +1,9 @@
-"""Running voucher-bridge locally: the sandbox and the service as processes, a POS-side
-producer of commands and a reader of results. Used by `make demo` and the integration tests."""
+"""Running voucher-bridge locally: the sandboxes and the service as processes, a POS-side
+producer of commands and a reader of results. Used by `make demo`, the tests and the bench.
+
+The service is started as its console module (`python -m voucher_bridge.cli run`) of the same
+interpreter, so this needs the service installed beside it (the project's dev environment), but
+imports none of it."""
 
 from __future__ import annotations
 
@@ -22,8 +26,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-EVOUCHER_SEED = PROJECT_ROOT / "deploy" / "sandbox" / "evoucher-seed.json"
+from voucher_sandboxes import EPIN_SEED, EVOUCHER_SEED
 
 
 def free_port() -> int:
@@ -70,7 +73,6 @@ class Process:
         self._log.close()
 
 
-EPIN_SEED = PROJECT_ROOT / "deploy" / "sandbox" / "epin-seed.json"
 EPIN_PREFIX = "/api/v1/"
 
 
@@ -87,7 +89,7 @@ def start_epin_sandbox(port: int, log_path: Path, *extra: str, seed: Path = EPIN
 def _start_sandbox(
     kind: str, port: int, log_path: Path, seed: Path, extra: tuple[str, ...]
 ) -> Process:
-    command = [sys.executable, "-m", "voucher_bridge.cli", "sandbox", kind]
+    command = [sys.executable, "-m", "voucher_sandboxes.cli", kind]
     process = Process([*command, "--port", str(port), "--seed", str(seed), *extra], {}, log_path)
     _wait_healthy(process, port, log_path)
     return process

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from voucher_bridge.kafka.admin import ensure_topics
-from voucher_bridge.localstack import (
-    EPIN_SEED,
-    PROJECT_ROOT,
+from voucher_bridge.settings import Settings, load_settings
+from voucher_sandboxes import EPIN_SEED
+from voucher_sandboxes.localstack import (
     CommandProducer,
     ReceivedResult,
     ResultReader,
@@ -32,7 +32,6 @@ from voucher_bridge.localstack import (
     start_service,
     trace_id_of,
 )
-from voucher_bridge.settings import Settings, load_settings
 
 TILL_1 = "limassol-3-till-1"
 TILL_2 = "limassol-3-till-2"
@@ -61,7 +60,8 @@ SESSIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 
 async def play(*, timeout_s: float = 60.0) -> int:
     settings = load_settings()
-    run_dir = PROJECT_ROOT / "var" / "demo"
+    # Logs beside the caller (`make demo` runs in the project's root).
+    run_dir = Path.cwd() / "var" / "demo"
     run_dir.mkdir(parents=True, exist_ok=True)
     await ensure_topics(settings)
     port, epin_port = free_port(), free_port()

@@ -1,6 +1,6 @@
 """Run the Epin sandbox with uvicorn.
 
-    python -m voucher_bridge.sandbox.epin_server --port 8082 --seed deploy/sandbox/epin-seed.json \
+    python -m voucher_sandboxes.epin_server --port 8082 --seed deploy/sandbox/epin-seed.json \
         [--faults '{"error_rate": 0.1, "seed": 1}'] [--prefix /api/v1/] \
         [--refresh-path user/token/refresh/] [--access-ttl-s 300] [--refresh-ttl-s 86400]
 """
@@ -11,12 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from voucher_bridge.sandbox.epin import (
+from voucher_sandboxes.epin import (
     DEFAULT_PREFIX,
     DEFAULT_REFRESH_PATH,
     build_epin_server,
 )
-from voucher_bridge.sandbox.faults import FaultConfig
+from voucher_sandboxes.faults import FaultConfig
 
 __all__ = ["build_epin_server", "main"]
 
