@@ -121,7 +121,9 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.producer = RecordProducer(**connection_args(settings))
-        self.store = open_store(settings.idempotency_store_url, settings.store_timeout_s)
+        self.store = open_store(
+            settings.idempotency_store_url.get_secret_value(), settings.store_timeout_s
+        )
         self.sessions = StoreSessions(self.store)
         self.evoucher = EvoucherClient(
             settings.evoucher_base_url,
@@ -162,6 +164,7 @@ class Service:
             retry,
             apply_grace_s=settings.epin_apply_grace_s,
             settle_window_s=settings.epin_settle_window_s,
+            show_pins=settings.coupon_result_pins == "shown",
         )
         self.once = ExactlyOnce(
             self.store,

@@ -35,14 +35,21 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command == "run":
-        return _run(args.http_port)
-    if args.command == "topics":
-        return _topics(args.partitions)
-    if args.command == "asyncapi":
-        return _asyncapi(args.out)
-    if args.command == "unsettled":
-        return asyncio.run(_unsettled(args.limit))
+    from voucher_bridge.settings import InvalidSettings
+
+    try:
+        if args.command == "run":
+            return _run(args.http_port)
+        if args.command == "topics":
+            return _topics(args.partitions)
+        if args.command == "asyncapi":
+            return _asyncapi(args.out)
+        if args.command == "unsettled":
+            return asyncio.run(_unsettled(args.limit))
+    except InvalidSettings as exc:
+        # One line naming the settings, no traceback: nothing to debug, and no value shown.
+        logging.getLogger("voucher_bridge").error("%s", exc)
+        return 2
     return 2
 
 
@@ -81,7 +88,7 @@ async def _unsettled(limit: int) -> int:
     from voucher_bridge.store import open_store
 
     settings = load_settings()
-    store = open_store(settings.idempotency_store_url, settings.store_timeout_s)
+    store = open_store(settings.idempotency_store_url.get_secret_value(), settings.store_timeout_s)
     await store.open()
     try:
         for item in await store.needing_operator(limit):

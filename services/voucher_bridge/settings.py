@@ -1,16 +1,19 @@
 """Settings from the environment (and a `.env` file, and a secrets directory), per design.md.
 
-Secrets are SecretStr: their repr is masked, so a logged Settings object leaks nothing.
+Secrets are SecretStr: their repr is masked, so a logged Settings object leaks nothing; and
+no validation error shows the value it refused (`hide_input_in_errors`), so a malformed
+EVOUCHER_TERMINALS or EPIN_ACCOUNTS names the setting and the problem, never the tokens.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 
 class EpinAccount(BaseModel):
@@ -19,7 +22,9 @@ class EpinAccount(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # Kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
@@ -68,6 +73,10 @@ class Settings(BaseSettings):
     epin_connect_timeout_s: float = Field(default=5.0, gt=0)
     epin_read_timeout_s: float = Field(default=15.0, gt=0)
     epin_max_connections: int = Field(default=10, gt=0)
+    # Coupon PINs are bearer value: `masked` (the default) publishes "****" for every `pin` in
+    # coupon.results; `shown` publishes them as the API gave them (only where every reader of
+    # the results topic may spend the coupons).
+    coupon_result_pins: Literal["masked", "shown"] = "masked"
     # Lists follow `next` to the end, but no further than this many pages.
     epin_max_pages: int = Field(default=100, gt=0)
 
@@ -78,7 +87,8 @@ class Settings(BaseSettings):
     upstream_retry_max_delay_s: float = Field(default=5.0, ge=0)
 
     # Idempotency store
-    idempotency_store_url: str = "sqlite:///var/voucher-bridge/idempotency.sqlite3"
+    # A PostgreSQL URL carries its password: a secret like the others.
+    idempotency_store_url: SecretStr = SecretStr("sqlite:///var/voucher-bridge/idempotency.sqlite3")
     # One store operation; a slower one counts as failed and is tried again (within the
     # command's time).
     store_timeout_s: float = Field(default=5.0, gt=0)
@@ -116,10 +126,29 @@ class Settings(BaseSettings):
         return self.coupon_commands_topic + ".dlq"
 
 
+class InvalidSettings(Exception):
+    """The settings cannot be used; the message names each setting and what is wrong with it,
+    and holds none of the values (they may be secrets)."""
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; `VOUCHER_BRIDGE_SECRETS_DIR` names a secrets directory
     (one file per setting, as Docker and Kubernetes mount them)."""
     secrets_dir = os.environ.get("VOUCHER_BRIDGE_SECRETS_DIR")
-    if secrets_dir:
-        return Settings(_secrets_dir=secrets_dir, **overrides)
-    return Settings(**overrides)
+    try:
+        if secrets_dir:
+            return Settings(_secrets_dir=secrets_dir, **overrides)
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [
+            # The setting as it is spelled in the environment, then where inside its value.
+            ".".join([str(e["loc"][0]).upper(), *map(str, e["loc"][1:])]) + ": " + e["msg"]
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        raise InvalidSettings("invalid settings: " + "; ".join(problems)) from None
+    except SettingsError as exc:
+        # A value that is not JSON where JSON is wanted. pydantic-settings names the field in
+        # its message; the cause (the JSON error) is dropped, as some parsers quote the text.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1).upper() if field else "a setting"
+        raise InvalidSettings(f"invalid settings: {name}: not valid JSON") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from typing import Any
 
 import pytest
@@ -56,7 +57,11 @@ def _new_id() -> int:
 async def test_every_coupon_command_end_to_end(stack: Any, epin: EpinSandbox) -> None:
     s = await _stack(stack, epin)
     base = _new_id()
-    owner = epin.add_account(coupons=coupons(*["10.00"] * 23, "30.00", "40.00", start=base))
+    held = coupons(*["10.00"] * 23, "30.00", "40.00", start=base)
+    pin = held[0]["pin"] = "".join(
+        secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(12)
+    )
+    owner = epin.add_account(coupons=held)
     target = epin.add_account()
     token = epin.users[owner]["mail_token"]
     checksum = hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -66,13 +71,15 @@ async def test_every_coupon_command_end_to_end(stack: Any, epin: EpinSandbox) ->
     assert listed["outcome"] == "succeeded"
     assert listed["count"] == 25  # three pages of 10, followed to the end
     assert {c["id"] for c in listed["coupons"]} == set(range(base, base + 25))
+    # PINs are bearer value: masked in coupon.results by default (COUPON_RESULT_PINS).
+    assert {c["pin"] for c in listed["coupons"]} == {"****"}
     form_key = wallets["form_key"]
     assert wallets["wallets"][0]["wallet_type"] == "wallet1"
 
     results = await _run(
         s,
         [
-            (owner, "coupon.list_active", {"code": listed["coupons"][0]["pin"]}),
+            (owner, "coupon.list_active", {"code": pin}),
             (owner, "coupon.transfer", {"user": target, "epin": base}),
             (
                 owner,

@@ -224,6 +224,33 @@ async def test_list_active_follows_every_page(
     assert [c["id"] for c in extras(by_pin)["coupons"]] == [1002]
 
 
+async def test_pins_are_masked_in_results_unless_the_setting_shows_them(
+    client: EpinClient, state: EpinSandbox
+) -> None:
+    """A PIN is bearer value and analytics reads coupon.results: masked by default, in lists
+    and in what a create made; COUPON_RESULT_PINS=shown passes them on."""
+    pins = {i: coupon(state, i).pin for i in MAIN_ACTIVE}
+    masked = CouponCommandHandler(client, NoWait(attempts=3))
+    listed = await masked.handle(command("coupon.list_active", {}), ACCOUNT)
+    assert {c["pin"] for c in extras(listed)["coupons"]} == {"****"}
+    assert not any(pin in listed.model_dump_json() for pin in pins.values())
+
+    wallets = await masked.handle(command("coupon.list_wallets", None), ACCOUNT)
+    made = await masked.handle(
+        command("coupon.create", create_data(extras(wallets)["form_key"]), id_="c2"), ACCOUNT
+    )
+    assert made.outcome is Outcome.SUCCEEDED
+    created = extras(made)["coupons"]
+    assert created and {c["pin"] for c in created} == {"****"}
+    assert not any(coupon(state, c["id"]).pin in made.model_dump_json() for c in created)
+
+    shown = CouponCommandHandler(client, NoWait(attempts=3), show_pins=True)
+    listed = await shown.handle(command("coupon.list_active", {}, id_="c3"), ACCOUNT)
+    shown_pins = {c["id"]: c["pin"] for c in extras(listed)["coupons"]}
+    assert {i: shown_pins[i] for i in MAIN_ACTIVE} == pins
+    assert "****" not in shown_pins.values()
+
+
 async def test_transfer(handler: CouponCommandHandler, state: EpinSandbox) -> None:
     data = {"user": NIC, "epin": 1001}
     result = await handler.handle(command("coupon.transfer", data), ACCOUNT)

@@ -138,6 +138,23 @@ def _details(
     return {}
 
 
+# What a coupon's PIN becomes in a result unless COUPON_RESULT_PINS=shown: a PIN is bearer
+# value (whoever reads it can spend the coupon), and analytics reads coupon.results too.
+PIN_MASK = "****"
+
+
+def without_pins(value: Any) -> Any:
+    """`value` with every `pin` member, at any depth, replaced by PIN_MASK."""
+    if isinstance(value, dict):
+        return {
+            k: (PIN_MASK if k == "pin" and v not in (None, "") else without_pins(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [without_pins(v) for v in value]
+    return value
+
+
 def _pick(payload: dict[str, Any], *names: str) -> dict[str, Any]:
     return {n: payload[n] for n in names if n in payload}
 

@@ -17,12 +17,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
 from typing import Any, cast
 
 from voucher_bridge.epin.client import EpinClient, Unauthorized
-from voucher_bridge.epin.decisions import MONEY_MOVING, PAGINATED, decide, request_for
+from voucher_bridge.epin.decisions import (
+    MONEY_MOVING,
+    PAGINATED,
+    decide,
+    request_for,
+    without_pins,
+)
 from voucher_bridge.once import BeforeSend, SentCall
 from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
@@ -55,9 +61,11 @@ class CouponCommandHandler:
         *,
         apply_grace_s: float = 120.0,
         settle_window_s: float = 3600.0,
+        show_pins: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
+        self._show_pins = show_pins
         self._retry = retry or RetryPolicy()
         self._apply_grace_s = apply_grace_s
         self._settle_window_s = settle_window_s
@@ -108,13 +116,22 @@ class CouponCommandHandler:
             )
         except Unauthorized as exc:
             decision = Decision(Outcome.FAILED, "unauthorized", exc.message)
-            return result(command, decision, _report(1, None, started))
+            return self._result(command, decision, _report(1, None, started))
         answer, listed = tried.outcome if tried.outcome is not None else (None, None)
         attempts, may_have_reached = tried.attempts, tried.may_have_reached
         decision = self._decision(command.type, data, answer, listed, may_have_reached)
         if decision.outcome is Outcome.INDETERMINATE and moves_money:
             decision = await self._reconcile(account, data, decision, before, sent_at)
-        return result(command, decision, _report(attempts, answer, started))
+        return self._result(command, decision, _report(attempts, answer, started))
+
+    def _result(
+        self, command: CommandEnvelope, decision: Decision, report: UpstreamReport
+    ) -> ResultData:
+        # Every coupon result leaves through here, so no path can publish (or store) a PIN
+        # that the setting keeps out of coupon.results.
+        if not self._show_pins:
+            decision = replace(decision, details=without_pins(decision.details))
+        return result(command, decision, report)
 
     def _decision(
         self,
@@ -147,7 +164,7 @@ class CouponCommandHandler:
         decision = await self._reconcile(
             command.subject, data, unknown, _Before.from_json(sent.before), sent.at
         )
-        return result(command, decision, _report(0, None, started))
+        return self._result(command, decision, _report(0, None, started))
 
     async def settle(
         self, command: CommandEnvelope, previous: ResultData, sent: SentCall
@@ -164,7 +181,7 @@ class CouponCommandHandler:
         )
         if decision.outcome is Outcome.INDETERMINATE:
             return None
-        return result(command, decision, previous.upstream)
+        return self._result(command, decision, previous.upstream)
 
     # -- finding out what happened --------------------------------------------------------------
 
