@@ -61,10 +61,10 @@ def _run(http_port: int | None) -> int:
     port = settings.http_port if http_port is None else http_port
     service = Service(settings)
     if port:
-        import uvicorn
+        from voucher_bridge.serving import DrainingServer
 
         # loop="auto": uvloop, as below.
-        uvicorn.run(service.asgi_app(), host=settings.http_host, port=port, log_level="warning")
+        DrainingServer.for_app(service.asgi_app(), settings.http_host, port).run()
     else:
         import uvloop
 

@@ -1,0 +1,85 @@
+"""The HTTP server the service runs in (health, readiness, metrics), and how it ends.
+
+SIGTERM is how an orchestrator asks a pod to stop: the service drains (bounded by
+DRAIN_TIMEOUT_S), commits, and exits 0. uvicorn, after such a graceful shutdown, raises the
+signal again so that the process ends with the signal's status (143), which Kubernetes and
+compose report as an error; a drained stop is not one. And a stop that cannot finish (a broker
+that no longer answers the final commit, a hung close) must still end before the orchestrator's
+SIGKILL, so a watchdog ends the process at `shutdown_bound_s`, saying so: what was not
+committed is read again by the partition's next owner and answered from the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+# Beyond the drain: the broker stops its consumers, the store and the producer close.
+SHUTDOWN_MARGIN_S = 10.0
+# The exit status when the watchdog had to end a stop that did not finish (EX_SOFTWARE).
+UNFINISHED_STOP_STATUS = 70
+
+
+def shutdown_bound_s(drain_timeout_s: float) -> float:
+    """How long after SIGTERM the process has ended, at the latest. The Helm chart's
+    terminationGracePeriodSeconds is above it (DRAIN_TIMEOUT_S + 15)."""
+    return drain_timeout_s + SHUTDOWN_MARGIN_S
+
+
+class StopWatchdog:
+    """Started when the stop begins; ends the process if the stop is not over in time."""
+
+    def __init__(self, bound_s: float) -> None:
+        self._bound_s = bound_s
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self._bound_s, self._give_up)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _give_up(self) -> None:
+        log.error(
+            "the stop did not finish within %.0f s (DRAIN_TIMEOUT_S + %.0f s): exiting now; "
+            "what was not committed is answered again from the store by the next owner",
+            self._bound_s,
+            SHUTDOWN_MARGIN_S,
+        )
+        logging.shutdown()
+        os._exit(UNFINISHED_STOP_STATUS)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM or SIGINT that ended in a graceful stop exits 0."""
+
+    @classmethod
+    def for_app(cls, app: Any, host: str, port: int) -> DrainingServer:
+        return cls(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # As uvicorn's own, without raising the captured signal again afterwards.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
