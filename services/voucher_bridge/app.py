@@ -45,7 +45,7 @@ from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
 from voucher_bridge.kafka.producer import RecordProducer
 from voucher_bridge.kafka.records import Record
 from voucher_bridge.once import Answered, ExactlyOnce, RoutedHandler, Timing
-from voucher_bridge.serving import StopWatchdog, shutdown_bound_s
+from voucher_bridge.serving import StopWatchdog
 from voucher_bridge.settings import Settings
 from voucher_bridge.store import StoreSessions, open_store
 from voucher_bridge.telemetry import configure_metrics, configure_tracing
@@ -121,7 +121,9 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._stop_watchdog = StopWatchdog(shutdown_bound_s(settings.drain_timeout_s))
+        # Armed by `voucher-bridge run` (the process's own stop), not where a Service is
+        # embedded, e.g. in a test's process.
+        self.stop_watchdog: StopWatchdog | None = None
         self.producer = RecordProducer(**connection_args(settings))
         self.store = open_store(
             settings.idempotency_store_url.get_secret_value(), settings.store_timeout_s
@@ -410,7 +412,8 @@ class Service:
 
     async def on_shutdown(self) -> None:
         # The whole stop is bounded (serving.py); the drain takes at most DRAIN_TIMEOUT_S.
-        self._stop_watchdog.start()
+        if self.stop_watchdog is not None:
+            self.stop_watchdog.start()
         # Before the broker stops its consumers: finish in-flight work and commit it.
         await self.dispatcher.close()
 
@@ -419,7 +422,8 @@ class Service:
         await self.producer.stop()
         await self.evoucher.aclose()
         await self.epin.aclose()
-        self._stop_watchdog.cancel()
+        if self.stop_watchdog is not None:
+            self.stop_watchdog.cancel()
 
     def _assignment(self) -> set[Any]:
         consumer = getattr(self.subscriber, "consumer", None)

@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(http_port: int | None) -> int:
     from voucher_bridge.app import Service
+    from voucher_bridge.serving import DrainingServer, StopWatchdog, shutdown_bound_s
     from voucher_bridge.settings import load_settings
 
     settings = load_settings()
     port = settings.http_port if http_port is None else http_port
     service = Service(settings)
+    service.stop_watchdog = StopWatchdog(shutdown_bound_s(settings.drain_timeout_s))
     if port:
-        from voucher_bridge.serving import DrainingServer
-
         # loop="auto": uvloop, as below.
         DrainingServer.for_app(service.asgi_app(), settings.http_host, port).run()
     else:
