@@ -1,18 +1,29 @@
 """OpenTelemetry set-up from the standard `OTEL_*` variables, and trace-context helpers.
 
-The SDK alone does not pick exporters from `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER`
-(the distro does), so this does it for the ones that matter here: `otlp` (HTTP/protobuf,
-`OTEL_EXPORTER_OTLP_*`), `console` and `none`. With neither variable nor an OTLP endpoint set,
-spans are made and propagated but not exported, so a laptop run does not spam connection
-errors. Metrics are also always readable as Prometheus text (`/metrics`).
+What the SDK reads by itself is left to it: `OTEL_SDK_DISABLED` (no-op tracers and meters),
+`OTEL_TRACES_SAMPLER`/`_ARG` (the tracer provider's default sampler), `OTEL_SERVICE_NAME` and
+`OTEL_RESOURCE_ATTRIBUTES` (`Resource.create`), `OTEL_PROPAGATORS` (the global propagator, used
+for Kafka headers and upstream calls alike), the `OTEL_EXPORTER_OTLP_*` endpoint, header,
+timeout and certificate variables (the exporters), and `OTEL_BSP_*` / `OTEL_METRIC_EXPORT_*`.
+
+What only the distro (opentelemetry-instrument) would do is done here, for the cases that
+matter: the exporters named by `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` (`otlp`,
+`console`, `none`), and for `otlp` the protocol of `OTEL_EXPORTER_OTLP_PROTOCOL` (or its
+per-signal variable): `http/protobuf` (the default) or `grpc`. With neither an exporter nor an
+OTLP endpoint named, spans are made and propagated but not exported, so a laptop run does not
+spam connection errors. Metrics are also always readable as Prometheus text (`/metrics`).
+
+Results always carry the W3C `traceparent` header (design.md), whatever OTEL_PROPAGATORS says:
+the configured propagators add theirs beside it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
@@ -28,7 +39,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry
 
 SERVICE_NAME = "voucher-bridge"
-_propagator = TraceContextTextMapPropagator()
+_w3c = TraceContextTextMapPropagator()
+log = logging.getLogger(__name__)
 
 
 def configure_tracing() -> TracerProvider:
@@ -38,8 +50,9 @@ def configure_tracing() -> TracerProvider:
         return current
     os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
     provider = TracerProvider(resource=Resource.create())
-    for exporter in _exporters():
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if not _sdk_disabled():
+        for exporter in _exporters():
+            provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 
@@ -53,8 +66,15 @@ def configure_metrics() -> CollectorRegistry:
     os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
     _registry = CollectorRegistry()
     readers: list[MetricReader] = [PrometheusMetricReader(registry=_registry)]
-    for name in _exporter_names("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        if name == "otlp":
+    names = _exporter_names("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    for name in [] if _sdk_disabled() else names:
+        if name == "otlp" and _otlp_protocol("METRICS") == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as GrpcMetricExporter,
+            )
+
+            readers.append(PeriodicExportingMetricReader(GrpcMetricExporter()))
+        elif name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
@@ -77,10 +97,36 @@ def _exporter_names(variable: str, endpoint_variable: str) -> list[str]:
     return [n.strip() for n in names.split(",")]
 
 
+def _sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def _otlp_protocol(signal: str) -> str:
+    """`grpc` or `http/protobuf`, as OTEL_EXPORTER_OTLP_<signal>_PROTOCOL or else
+    OTEL_EXPORTER_OTLP_PROTOCOL says (the specification's default: http/protobuf)."""
+    protocol = (
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol not in ("grpc", "http/protobuf"):
+        # The Python SDK has no http/json exporter; a collector's OTLP/HTTP receiver takes
+        # protobuf on the same endpoint, so that is what is sent.
+        log.warning("OTLP protocol %r is not supported here: using http/protobuf", protocol)
+        return "http/protobuf"
+    return protocol
+
+
 def _exporters() -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     for name in _exporter_names("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        if name == "otlp":
+        if name == "otlp" and _otlp_protocol("TRACES") == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            exporters.append(GrpcSpanExporter())
+        elif name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporters.append(OTLPSpanExporter())
@@ -92,27 +138,36 @@ def _exporters() -> list[SpanExporter]:
 def context_from(
     headers: Sequence[tuple[str, bytes]], fallback_traceparent: str | None = None
 ) -> Context | None:
-    """The W3C trace context of a record: its `traceparent` header, else the CloudEvents
-    distributed-tracing attribute; None when it has neither (the span becomes a root)."""
+    """The trace context of a record, as the configured propagators read its headers (W3C
+    `traceparent` by default; B3 or others per OTEL_PROPAGATORS), else its `traceparent`,
+    else the CloudEvents distributed-tracing attribute; None when it has none of them (the
+    span becomes a root)."""
     carrier: dict[str, str] = {}
+    fields = propagate.get_global_textmap().fields | {"traceparent", "tracestate"}
     for key, value in headers:
         name = key.lower()
-        if name in ("traceparent", "tracestate"):
+        if name in fields:
             try:
                 carrier[name] = value.decode("ascii")
             except (UnicodeDecodeError, AttributeError):
                 continue
-    if "traceparent" not in carrier and fallback_traceparent:
-        carrier["traceparent"] = fallback_traceparent
-    if "traceparent" not in carrier:
+    if carrier:
+        context = propagate.extract(carrier)
+        if trace.get_current_span(context).get_span_context().is_valid:
+            return context
+    # The contract's own header (design.md), even where OTEL_PROPAGATORS leaves W3C out.
+    traceparent = carrier.get("traceparent") or fallback_traceparent
+    if not traceparent:
         return None
-    context = _propagator.extract(carrier)
-    span_context = trace.get_current_span(context).get_span_context()
-    return context if span_context.is_valid else None
+    context = _w3c.extract({**carrier, "traceparent": traceparent})
+    return context if trace.get_current_span(context).get_span_context().is_valid else None
 
 
 def trace_headers() -> list[tuple[str, bytes]]:
-    """`traceparent` (and `tracestate`) of the current span, as Kafka headers."""
+    """The current span's context as Kafka headers: what the configured propagators write,
+    and always the W3C `traceparent` (and `tracestate`) the contract promises."""
     carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
+    propagate.inject(carrier)
+    if "traceparent" not in carrier:
+        _w3c.inject(carrier)
     return [(k, v.encode()) for k, v in carrier.items()]

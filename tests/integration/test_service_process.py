@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import EpinSandbox, Stack
+from tests.support.workload import service_env
 from voucher_sandboxes.localstack import (
     CommandProducer,
     ResultReader,
@@ -146,7 +147,9 @@ async def test_sigterm_drains_commits_and_exits_0_within_the_bound(
     drain_timeout_s = 20.0
     tills = [s.terminal() for _ in range(12)]
     port = free_port()
-    env = {**_env_pos(s), "DRAIN_TIMEOUT_S": str(drain_timeout_s), "LOG_LEVEL": "INFO"}
+    env = service_env(
+        s, DRAIN_TIMEOUT_S=str(drain_timeout_s), EVOUCHER_READ_TIMEOUT_S="15", LOG_LEVEL="INFO"
+    )
     service = start_service(env, tmp_path / "service.log", http_port=port)
     _wait_ready(port)
     s.sandbox.faults(latency_ms=1500, routes=["bill_total_api"])
@@ -177,15 +180,3 @@ async def test_sigterm_drains_commits_and_exits_0_within_the_bound(
         await consumer.stop()
     log = (tmp_path / "service.log").read_text()
     assert "shut down gracefully" in log and "did not finish" not in log
-
-
-def _env_pos(s: Stack) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": s.bootstrap,
-        "KAFKA_GROUP_ID": s.group,
-        "POS_COMMANDS_TOPIC": s.commands,
-        "POS_RESULTS_TOPIC": s.results,
-        "EVOUCHER_BASE_URL": s.sandbox.url,
-        "EVOUCHER_TERMINALS": json.dumps(s.terminals),
-        "IDEMPOTENCY_STORE_URL": s.store_url,
-    }
