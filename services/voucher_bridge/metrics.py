@@ -5,7 +5,11 @@ on `/metrics`, OTLP where configured)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
 from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 _meter = metrics.get_meter("voucher_bridge")
 
@@ -111,4 +115,138 @@ members_of_other_stores = _meter.create_counter(
     unit="{check}",
     description="Looks at the consumer group that found a member of another store (no new "
     "records are taken meanwhile).",
+)
+
+# -- progress (issue 13): what an SRE pages on ---------------------------------------------
+
+consumed = _meter.create_counter(
+    "messaging.client.consumed.messages",
+    unit="{message}",
+    description="Records taken from Kafka for processing (semantic conventions' name).",
+)
+process_duration = _meter.create_histogram(
+    "messaging.process.duration",
+    unit="s",
+    description="From the record's arrival in the service to its result or dead letter sent "
+    "(semantic conventions' name), by topic and error type.",
+)
+commits = _meter.create_counter(
+    "voucher_bridge.commits",
+    unit="{commit}",
+    description="Offset commits that the group took.",
+)
+commit_failures = _meter.create_counter(
+    "voucher_bridge.commit.failures",
+    unit="{commit}",
+    description="Offset commits that failed (tried again; the offsets stay uncommitted).",
+)
+records_stuck = _meter.create_counter(
+    "voucher_bridge.records.stuck",
+    unit="{record}",
+    description="Records that ran longer than STUCK_AFTER_S (each counted once, and logged).",
+)
+
+
+# Where the partitions stand: the dispatcher's last snapshot (see `observe_progress`).
+_progress: Callable[[], Sequence[Any]] = list
+
+
+def observe_progress(snapshot: Callable[[], Sequence[Any]]) -> None:
+    """Read partition progress (`PartitionProgress` items) from `snapshot` from now on."""
+    global _progress
+    _progress = snapshot
+
+
+def _per_partition(value: Callable[[Any], float | int | None]) -> Callable[..., Iterable[Any]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        for p in _progress():
+            if (v := value(p)) is not None:
+                yield Observation(
+                    v,
+                    {
+                        "messaging.destination.name": p.topic,
+                        "messaging.destination.partition.id": str(p.partition),
+                    },
+                )
+
+    return observe
+
+
+_meter.create_observable_gauge(
+    "voucher_bridge.consumer.lag",
+    [_per_partition(lambda p: p.lag)],
+    unit="{message}",
+    description="Per partition: the broker's high watermark minus the committed offset.",
+)
+_meter.create_observable_gauge(
+    "voucher_bridge.records.oldest_unfinished.age",
+    [_per_partition(lambda p: p.oldest_unfinished_age_s or 0.0)],
+    unit="s",
+    description="Per partition: how long the lowest unfinished record (where the commits "
+    "wait) has been in the service; 0 when nothing is unfinished.",
+)
+_meter.create_observable_gauge(
+    "voucher_bridge.records.oldest_unfinished.offset",
+    [_per_partition(lambda p: p.oldest_unfinished_offset)],
+    unit="{offset}",
+    description="Per partition: the offset of the lowest unfinished record.",
+)
+_meter.create_observable_gauge(
+    "voucher_bridge.lanes.max_depth",
+    [_per_partition(lambda p: max((lane.depth for lane in p.busiest), default=0))],
+    unit="{record}",
+    description="Per partition: the most records (and jobs) one key has waiting or running.",
+)
+_meter.create_observable_gauge(
+    "voucher_bridge.lanes.active",
+    [_per_partition(lambda p: p.lanes)],
+    unit="{lane}",
+    description="Per partition: keys with work waiting or running.",
+)
+
+# -- an upstream that is down (breaker.py) ----------------------------------------------------
+
+
+# Each upstream's breaker state (an IntEnum: 0 closed, 1 half-open, 2 open), read by the
+# latest breaker made for it: one per process in service, and a test's earlier ones are not
+# reported twice.
+_breakers: dict[str, Callable[[], int]] = {}
+
+
+def watch_breaker(upstream: str, state: Callable[[], int]) -> None:
+    _breakers[upstream] = state
+
+
+def _breaker_states(options: CallbackOptions) -> Iterable[Observation]:
+    for upstream, state in list(_breakers.items()):
+        yield Observation(state(), {"upstream": upstream})
+
+
+breaker_state = _meter.create_observable_gauge(
+    "voucher_bridge.upstream.breaker.state",
+    [_breaker_states],
+    unit="1",
+    description="Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
+)
+breaker_transitions = _meter.create_counter(
+    "voucher_bridge.upstream.breaker.transitions",
+    unit="{transition}",
+    description="Circuit breaker state changes, by upstream and the state it went to "
+    "(`open`, `half_open`, `closed`).",
+)
+breaker_refused = _meter.create_counter(
+    "voucher_bridge.upstream.breaker.refused",
+    unit="{call}",
+    description="Calls refused by an open circuit before anything was sent, by upstream.",
+)
+breaker_wait_duration = _meter.create_histogram(
+    "voucher_bridge.upstream.breaker.wait.duration",
+    unit="s",
+    description="How long a call waited for an open circuit to let it through (upstreams "
+    "whose BREAKER_WHEN_OPEN is `wait`), by upstream.",
+)
+rate_limit_wait_duration = _meter.create_histogram(
+    "voucher_bridge.upstream.rate_limit.wait.duration",
+    unit="s",
+    description="How long a call waited for the upstream's rate limit (calls that waited).",
 )

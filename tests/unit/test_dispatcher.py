@@ -758,3 +758,66 @@ async def test_submit_after_close_starts_nothing(
     finally:
         if committer is not None:
             committer.cancel()
+
+
+# -- progress, for readiness, metrics and operators ----------------------------------------------
+
+
+class WatermarkConsumer(FakeConsumer):
+    def __init__(self, *assigned: TopicPartition, highwater: int) -> None:
+        super().__init__(*assigned)
+        self._highwater = highwater
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return self._highwater
+
+
+async def test_progress_names_the_oldest_unfinished_record_lag_and_busiest_lanes(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    dispatcher, processor = setup()
+    consumer = WatermarkConsumer(TP0, highwater=20)
+    stuck = processor.gate(10)
+    processor.gate(12)
+    # Offset 10 (key a) holds the partition's commits; key b has three records waiting.
+    await submit_all(
+        dispatcher, consumer, [rec(10, "a"), rec(11, "c"), *(rec(o, "b") for o in (12, 13, 14))]
+    )
+    await wait_until(lambda: processor.is_done(0, 11))
+    await asyncio.sleep(0.05)
+    [progress] = dispatcher.progress()
+    assert (progress.topic, progress.partition) == (TOPIC, 0)
+    assert progress.oldest_unfinished_offset == 10
+    assert progress.oldest_unfinished_age_s is not None and progress.oldest_unfinished_age_s >= 0.05
+    assert progress.in_flight == 4
+    assert progress.lag == 20 - 10  # nothing committed yet: from the first offset it was given
+    assert progress.lanes == 2
+    busiest = progress.busiest[0]
+    assert (busiest.key, busiest.depth, busiest.running_offset) == (b"b", 3, 12)
+    assert busiest.running_s is not None and busiest.running_s >= 0.05
+
+    stuck.set()
+    processor.open_all()
+    await wait_until(lambda: consumer.committed(TP0) == 15)
+    [progress] = dispatcher.progress()
+    assert progress.oldest_unfinished_offset is None and progress.in_flight == 0
+    assert progress.lag == 20 - 15
+
+
+async def test_a_record_running_past_the_bound_is_logged_once_and_counted(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dispatcher, processor = setup(
+        stuck_after_s=0.2, describe=lambda record: f"command cmd-{record.offset}"
+    )
+    consumer = WatermarkConsumer(TP0, highwater=2)
+    gate = processor.gate(0)
+    await submit_all(dispatcher, consumer, [rec(0, "slow"), rec(1, "quick")])
+    await asyncio.sleep(1.5)
+    lines = [r.getMessage() for r in caplog.records if "has run for" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "pos.commands[0]@0 (command cmd-0)" in lines[0] and "STUCK_AFTER_S=0.2" in lines[0]
+    # The snapshot the metric callbacks read was renewed meanwhile.
+    assert [p.oldest_unfinished_offset for p in dispatcher.snapshot] == [0]
+    gate.set()

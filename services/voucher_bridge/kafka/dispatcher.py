@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,9 +62,35 @@ class _Lane:
 
     items: deque[Record | Job] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
+    # When the item at the head began to run (monotonic), and whether it was reported stuck.
+    started_at: float | None = None
+    reported_stuck: bool = False
 
     def records(self) -> int:
         return sum(1 for item in self.items if not isinstance(item, Job))
+
+
+@dataclass(frozen=True)
+class LaneProgress:
+    key: bytes | None
+    depth: int  # records and jobs waiting or running
+    running_s: float | None  # how long the item at its head has run
+    running_offset: int | None  # that item's offset (None: a job)
+
+
+@dataclass(frozen=True)
+class PartitionProgress:
+    """Where one partition stands, for readiness, metrics and operators."""
+
+    topic: str
+    partition: int
+    in_flight: int
+    lag: int | None  # the broker's high watermark minus where the commits stand
+    committed: int | None
+    oldest_unfinished_offset: int | None
+    oldest_unfinished_age_s: float | None
+    lanes: int
+    busiest: tuple[LaneProgress, ...]  # the deepest lanes first
 
 
 @dataclass(eq=False)
@@ -83,6 +110,8 @@ class KeyOrderedDispatcher:
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
         commit_timeout_s: float = 10.0,
+        stuck_after_s: float = 60.0,
+        describe: Callable[[Record], str] | None = None,
         on_rebalance: Callable[[], None] | None = None,
     ) -> None:
         self._process = process
@@ -90,6 +119,13 @@ class KeyOrderedDispatcher:
         self._commit_interval_s = commit_interval_s
         self._drain_timeout_s = drain_timeout_s
         self._commit_timeout_s = commit_timeout_s
+        self._stuck_after_s = stuck_after_s
+        # What a stuck record is (its command id), for the log line; only asked when stuck.
+        self._describe = describe
+        self._watcher: asyncio.Task[None] | None = None
+        # The last `progress()`, renewed by the watcher: what metric callbacks (which run on
+        # other threads, the scrape's or the exporter's) read, never the live structures.
+        self.snapshot: list[PartitionProgress] = []
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._assigned: set[TopicPartition] = set()  # by the group, as of the last rebalance
         # While fenced, nothing new is taken (see `fence`); per partition, the first offset
@@ -123,6 +159,7 @@ class KeyOrderedDispatcher:
             return
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_loop(), name="offset-committer")
+            self._watcher = asyncio.create_task(self._watch(), name="progress-watcher")
         tp = TopicPartition(record.topic, record.partition)
         partition = self._partitions.get(tp)
         if partition is None:
@@ -131,6 +168,14 @@ class KeyOrderedDispatcher:
             partition = self._partitions[tp] = _Partition()
         if partition.revoked or not partition.offsets.accept(record.offset):
             return
+        metrics.consumed.add(
+            1,
+            {
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.destination.partition.id": str(record.partition),
+            },
+        )
         self._in_flight += 1
         if self._in_flight >= self._max_in_flight and not self._paused:
             self._paused = True
@@ -202,12 +247,84 @@ class KeyOrderedDispatcher:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def progress(self, busiest: int = 5) -> list[PartitionProgress]:
+        """Each partition held now: lag, the oldest unfinished record, the busiest lanes."""
+        now = time.monotonic()
+        consumer = self._consumer
+        found = []
+        for tp, partition in sorted(self._partitions.items()):
+            if partition.revoked:
+                continue
+            oldest = partition.offsets.oldest_unfinished()
+            highwater = consumer.highwater(tp) if consumer is not None else None
+            start = partition.offsets.start
+            lanes = sorted(
+                (
+                    LaneProgress(
+                        key,
+                        len(lane.items),
+                        None if lane.started_at is None else now - lane.started_at,
+                        None if isinstance(head := lane.items[0], Job) else head.offset,
+                    )
+                    for key, lane in partition.lanes.items()
+                    if lane.items
+                ),
+                key=lambda lane: (-lane.depth, -(lane.running_s or 0.0)),
+            )
+            found.append(
+                PartitionProgress(
+                    tp.topic,
+                    tp.partition,
+                    partition.offsets.in_flight,
+                    None if highwater is None or start is None else max(0, highwater - start),
+                    partition.offsets.committed,
+                    oldest[0] if oldest else None,
+                    now - oldest[1] if oldest else None,
+                    len(partition.lanes),
+                    tuple(lanes[:busiest]),
+                )
+            )
+        return found
+
+    async def _watch(self) -> None:
+        """Renew `snapshot`, and say, once per record, when one runs longer than
+        `stuck_after_s`: a command is bounded (COMMAND_TIMEOUT_S), but an SRE wants to know
+        long before, and which."""
+        interval = max(0.5, min(2.0, self._stuck_after_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.snapshot = self.progress()
+            now = time.monotonic()
+            for tp, partition in list(self._partitions.items()):
+                for lane in partition.lanes.values():
+                    if lane.reported_stuck or lane.started_at is None or not lane.items:
+                        continue
+                    head = lane.items[0]
+                    if isinstance(head, Job) or now - lane.started_at < self._stuck_after_s:
+                        continue
+                    lane.reported_stuck = True
+                    metrics.records_stuck.add(1, {"topic": tp.topic})
+                    log.warning(
+                        "%s[%d]@%d (%s) has run for %.0f s (STUCK_AFTER_S=%g)",
+                        tp.topic,
+                        tp.partition,
+                        head.offset,
+                        self._describe(head) if self._describe else "key " + repr(head.key),
+                        now - lane.started_at,
+                        self._stuck_after_s,
+                    )
+
     # -- processing ---------------------------------------------------------------------------
 
     async def _run_lane(self, partition: _Partition, key: bytes | None, lane: _Lane) -> None:
         try:
             while lane.items:
                 item = lane.items[0]
+                lane.started_at, lane.reported_stuck = time.monotonic(), False
                 if isinstance(item, Job):
                     await self._run_job(item)
                     lane.items.popleft()
@@ -326,8 +443,10 @@ class KeyOrderedDispatcher:
                 # The offsets stay uncommitted and are tried again; if the group moved the
                 # partition, its next owner re-reads them (the store answers them again).
                 log.warning("offset commit failed (%s): %s", type(exc).__name__, offsets)
+                metrics.commit_failures.add(1, {"error.type": type(exc).__name__})
                 self._commit_wanted.set()  # try again after the interval
                 return
+            metrics.commits.add(1)
             for tp, position in offsets.items():
                 partition = self._partitions.get(tp)
                 if partition is not None:
@@ -384,10 +503,11 @@ class KeyOrderedDispatcher:
         """Stop accepting, finish what runs (bounded), commit it. Call before the consumer stops."""
         self._closing = True
         await self.drain(list(self._partitions))
-        if self._committer is not None:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+        for task in (self._committer, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
