@@ -95,6 +95,19 @@ class CommandPipeline:
         return command, None
 
     async def process(self, record: Record) -> None:
+        began = time.monotonic()
+        error_type = await self._process(record)
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": record.topic,
+        }
+        if error_type is not None:
+            attributes["error.type"] = error_type
+        metrics.process_duration.record(time.monotonic() - began, attributes)
+
+    async def _process(self, record: Record) -> str | None:
+        """One record to its end; the dead-letter reason when it became one."""
         command, unusable = self._decode(record)
         parent = context_from(record.headers, command.traceparent if command else None)
         with tracer.start_as_current_span(
@@ -115,7 +128,7 @@ class CommandPipeline:
                 span.set_attribute("error.type", unusable.reason)
                 span.set_status(Status(StatusCode.ERROR, unusable.reason))
                 await self._dead_letter(record, unusable)
-                return
+                return unusable.reason
             span.set_attribute("messaging.message.id", command.id)
             span.set_attribute("cloudevents.event_type", command.type)
             started = time.monotonic()
@@ -137,7 +150,7 @@ class CommandPipeline:
                 span.set_attribute("error.type", "result_refused")
                 detail = f"its result ({data.outcome.value}) was refused by the broker: {exc}"
                 await self._dead_letter(record, UnusableRecord("result_refused", detail))
-                return
+                return "result_refused"
             labels = {"command_type": command.type, "outcome": data.outcome.value}
             metrics.commands.add(1, {**labels, "reason": data.reason or ""})
             metrics.command_duration.record(time.monotonic() - started, labels)
@@ -152,6 +165,7 @@ class CommandPipeline:
                 data.outcome.value,
                 f" ({data.reason})" if data.reason else "",
             )
+            return None
 
     async def publish_result(
         self, key: bytes | None, command: CommandEnvelope, answered: Answered
