@@ -13,6 +13,10 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 _meter = metrics.get_meter("voucher_bridge")
 
+# Bucket bounds for durations in seconds (the SDK's default bounds are for milliseconds:
+# every command would fall in its first bucket): from a fast answer to COMMAND_TIMEOUT_S.
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
 commands = _meter.create_counter(
     "voucher_bridge.commands",
     unit="{command}",
@@ -21,6 +25,7 @@ commands = _meter.create_counter(
 command_duration = _meter.create_histogram(
     "voucher_bridge.command.duration",
     unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
     description="From the record's arrival in the service to its result sent, by type and outcome.",
 )
 replayed = _meter.create_counter(
@@ -49,6 +54,7 @@ busy_waits = _meter.create_counter(
 busy_wait_duration = _meter.create_histogram(
     "voucher_bridge.claims.busy_wait.duration",
     unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
     description="How long a command waited for another live instance running it.",
 )
 claims_taken_over = _meter.create_counter(
@@ -127,6 +133,7 @@ consumed = _meter.create_counter(
 process_duration = _meter.create_histogram(
     "messaging.process.duration",
     unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
     description="From the record's arrival in the service to its result or dead letter sent "
     "(semantic conventions' name), by topic and error type.",
 )
@@ -242,11 +249,13 @@ breaker_refused = _meter.create_counter(
 breaker_wait_duration = _meter.create_histogram(
     "voucher_bridge.upstream.breaker.wait.duration",
     unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
     description="How long a call waited for an open circuit to let it through (upstreams "
     "whose BREAKER_WHEN_OPEN is `wait`), by upstream.",
 )
 rate_limit_wait_duration = _meter.create_histogram(
     "voucher_bridge.upstream.rate_limit.wait.duration",
     unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
     description="How long a call waited for the upstream's rate limit (calls that waited).",
 )
