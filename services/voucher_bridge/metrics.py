@@ -5,6 +5,7 @@ on `/metrics`, OTLP where configured)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -209,6 +210,44 @@ _meter.create_observable_gauge(
     [_per_partition(lambda p: p.lanes)],
     unit="{lane}",
     description="Per partition: keys with work waiting or running.",
+)
+
+# The store's indeterminate results, as `ExactlyOnce` last counted them (see `observe_unsettled`).
+_unsettled: Callable[[], Any] = lambda: None  # noqa: E731
+
+
+def observe_unsettled(summary: Callable[[], Any]) -> None:
+    """Read the last `UnsettledSummary` from `summary` from now on."""
+    global _unsettled
+    _unsettled = summary
+
+
+def _unsettled_counts(options: CallbackOptions) -> Iterable[Observation]:
+    if (summary := _unsettled()) is not None:
+        yield Observation(summary.settling, {"state": "settling"})
+        yield Observation(summary.left_to_operator, {"state": "left_to_operator"})
+
+
+def _unsettled_oldest(options: CallbackOptions) -> Iterable[Observation]:
+    summary = _unsettled()
+    if summary is not None:
+        created = summary.oldest_settling_created_at
+        yield Observation(0.0 if created is None else max(0.0, time.time() - created))
+
+
+_meter.create_observable_gauge(
+    "voucher_bridge.results.unsettled",
+    [_unsettled_counts],
+    unit="{result}",
+    description="Indeterminate results in the store (all instances'): `settling` (looked at "
+    "again) or `left_to_operator` (the upstream can no longer tell; `voucher-bridge "
+    "unsettled`).",
+)
+_meter.create_observable_gauge(
+    "voucher_bridge.results.unsettled.oldest_age",
+    [_unsettled_oldest],
+    unit="s",
+    description="How long ago the oldest result still being settled was first claimed.",
 )
 
 # -- an upstream that is down (breaker.py) ----------------------------------------------------

@@ -435,6 +435,24 @@ async def test_unsettled_lists_only_done_and_unsettled(store: CommandStore) -> N
     assert len(await store.unsettled(limit=1)) == 1
 
 
+async def test_unsettled_summary_counts_settling_and_left_to_an_operator(
+    store: CommandStore,
+) -> None:
+    summary = await store.unsettled_summary()
+    assert (summary.settling, summary.oldest_settling_created_at, summary.left_to_operator) == (
+        0,
+        None,
+        0,
+    )
+    await done(store, new(1))  # settled: not counted
+    for n in (2, 3, 4):
+        await done(store, new(n), "indeterminate", unsettled=True)
+    assert await store.settle(new(4).key, 0, result("unsettled"), False, T0 + 9, True)
+    summary = await store.unsettled_summary()
+    assert (summary.settling, summary.left_to_operator) == (2, 1)
+    assert summary.oldest_settling_created_at is not None
+
+
 async def test_settle_is_a_compare_and_set_on_revision(store: CommandStore) -> None:
     command = new()
     await done(store, command, "indeterminate", unsettled=True)

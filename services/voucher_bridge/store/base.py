@@ -75,6 +75,13 @@ class NewCommand:
 
 
 @dataclass(frozen=True)
+class UnsettledSummary:
+    settling: int
+    oldest_settling_created_at: float | None
+    left_to_operator: int
+
+
+@dataclass(frozen=True)
 class Unsettled:
     """A done command whose outcome is indeterminate and may still be settled."""
 
@@ -211,6 +218,11 @@ class CommandStore(Protocol):
 
     async def needing_operator(self, limit: int) -> list[Unsettled]:
         """Results the upstream could no longer tell about: an operator decides."""
+        ...
+
+    async def unsettled_summary(self) -> UnsettledSummary:
+        """How many results are indeterminate (still being settled, or left to an
+        operator), and when the oldest of those still being settled was first claimed."""
         ...
 
     async def purge(self, before: float, limit: int) -> int: ...

@@ -27,6 +27,7 @@ from voucher_bridge.store.base import (
     State,
     StoredCommand,
     Unsettled,
+    UnsettledSummary,
     decide_claim,
 )
 
@@ -264,6 +265,17 @@ class PostgresStore:
 
     async def needing_operator(self, limit: int) -> list[Unsettled]:
         return await self._select_done("needs_operator", [], limit, "updated_at")
+
+    async def unsettled_summary(self) -> UnsettledSummary:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT count(*) FILTER (WHERE unsettled), "
+                "min(created_at) FILTER (WHERE unsettled), "
+                "count(*) FILTER (WHERE needs_operator) "
+                "FROM vb_commands WHERE (unsettled OR needs_operator) AND state = 'done'"
+            )
+            settling, oldest, left = await cursor.fetchone() or (0, None, 0)
+        return UnsettledSummary(int(settling), oldest, int(left))
 
     async def _select_done(
         self, where: str, params: list[Any], limit: int, order: str

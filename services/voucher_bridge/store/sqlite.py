@@ -33,6 +33,7 @@ from voucher_bridge.store.base import (
     State,
     StoredCommand,
     Unsettled,
+    UnsettledSummary,
     decide_claim,
 )
 
@@ -354,6 +355,19 @@ class SqliteStore:
 
     async def needing_operator(self, limit: int) -> list[Unsettled]:
         return await self._select_done("needs_operator = 1", [], limit, "updated_at")
+
+    async def unsettled_summary(self) -> UnsettledSummary:
+        def summarise(db: sqlite3.Connection) -> UnsettledSummary:
+            settling, oldest = db.execute(
+                "SELECT count(*), min(created_at) FROM commands "
+                "WHERE unsettled = 1 AND state = 'done'"
+            ).fetchone()
+            (left,) = db.execute(
+                "SELECT count(*) FROM commands WHERE needs_operator = 1 AND state = 'done'"
+            ).fetchone()
+            return UnsettledSummary(settling, oldest, left)
+
+        return await self._run(summarise)
 
     async def _select_done(
         self, where: str, params: list[Any], limit: int, order: str
