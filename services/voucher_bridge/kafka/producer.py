@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka import errors as kafka_errors
 
 from voucher_bridge import metrics
@@ -80,6 +81,7 @@ class RecordProducer:
         self._retry_max_s = retry_max_s
         self._producer: AIOKafkaProducer | None = None
         self._renewing = asyncio.Lock()
+        self._can_send: tuple[float, str | None] | None = None  # (when, why not) as last seen
 
     async def start(self) -> None:
         self._producer = await self._started_producer()
@@ -101,6 +103,37 @@ class RecordProducer:
     @property
     def started(self) -> bool:
         return self._producer is not None
+
+    async def cannot_send(self, topics: Sequence[str], cache_s: float = 5.0) -> str | None:
+        """Why a record sent to `topics` now would not reach the broker, or None when it would:
+        each partition has a leader and the producer a connection to it (made if need be).
+        Cached for `cache_s`, since readiness is asked often and a check may take a while."""
+        now = time.monotonic()
+        if self._can_send is not None and now - self._can_send[0] < cache_s:
+            return self._can_send[1]
+        why = await self._why_not(topics)
+        self._can_send = (time.monotonic(), why)
+        return why
+
+    async def _why_not(self, topics: Sequence[str]) -> str | None:
+        producer = self._producer
+        if producer is None:
+            return "not started"
+        try:
+            async with asyncio.timeout(3.0):
+                for topic in topics:
+                    for partition in sorted(await producer.partitions_for(topic)):
+                        tp = TopicPartition(topic, partition)
+                        leader = producer.client.cluster.leader_for_partition(tp)
+                        if leader is None or leader < 0:
+                            return f"{topic}[{partition}] has no leader"
+                        if not await producer.client.ready(leader):
+                            return f"no connection to the leader of {topic}[{partition}]"
+        except TimeoutError:
+            return "the cluster did not answer within 3 s"
+        except kafka_errors.KafkaError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     async def stop(self) -> None:
         if self._producer is not None:
