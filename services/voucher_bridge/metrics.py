@@ -212,6 +212,22 @@ _meter.create_observable_gauge(
     description="Per partition: keys with work waiting or running.",
 )
 
+# How many partitions the group gave this instance (see `observe_assigned`).
+_assigned: Callable[[], int] = lambda: 0  # noqa: E731
+
+
+def observe_assigned(count: Callable[[], int]) -> None:
+    global _assigned
+    _assigned = count
+
+
+_meter.create_observable_gauge(
+    "voucher_bridge.partitions.assigned",
+    [lambda options: [Observation(_assigned())]],
+    unit="{partition}",
+    description="Partitions of the command topics the group gave this instance.",
+)
+
 # The store's indeterminate results, as `ExactlyOnce` last counted them (see `observe_unsettled`).
 _unsettled: Callable[[], Any] = lambda: None  # noqa: E731
 

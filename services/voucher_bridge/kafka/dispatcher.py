@@ -128,6 +128,9 @@ class KeyOrderedDispatcher:
         self.snapshot: list[PartitionProgress] = []
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._assigned: set[TopicPartition] = set()  # by the group, as of the last rebalance
+        # Read by other threads (metrics, probes): plain values, not the set.
+        self.assigned_count = 0
+        self.rebalanced = False  # the group has given this instance its share at least once
         # While fenced, nothing new is taken (see `fence`); per partition, the first offset
         # turned away, to read again from there once the fence is lifted.
         self._fence: str | None = None
@@ -518,6 +521,7 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._dispatcher._assigned.difference_update(revoked)
+        self._dispatcher.assigned_count = len(self._dispatcher._assigned)
         for tp in revoked:  # its next owner reads from the committed offset anyway
             self._dispatcher._turned_away.pop(tp, None)
         if revoked:
@@ -525,6 +529,8 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._dispatcher._assigned.update(assigned)
+        self._dispatcher.assigned_count = len(self._dispatcher._assigned)
+        self._dispatcher.rebalanced = True
         if self._dispatcher.on_rebalance is not None:
             self._dispatcher.on_rebalance()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
