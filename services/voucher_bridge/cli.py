@@ -27,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     unsettled.add_argument("--limit", type=int, default=100)
 
-    spec = commands.add_parser("asyncapi", help="write the AsyncAPI document")
+    spec = commands.add_parser(
+        "asyncapi", help="write the AsyncAPI document and the JSON Schema of each event"
+    )
     spec.add_argument("--out", type=Path, default=Path("contracts/asyncapi.json"))
+    spec.add_argument(
+        "--schemas", type=Path, help="the JSON Schemas' folder (default: schemas/ beside --out)"
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "topics":
             return _topics(args.partitions)
         if args.command == "asyncapi":
-            return _asyncapi(args.out)
+            return _asyncapi(args.out, args.schemas or args.out.parent / "schemas")
         if args.command == "unsettled":
             return asyncio.run(_unsettled(args.limit))
     except InvalidSettings as exc:
@@ -111,14 +116,18 @@ async def _unsettled(limit: int) -> int:
     return 0
 
 
-def _asyncapi(out: Path) -> int:
+def _asyncapi(out: Path, schemas: Path) -> int:
     from voucher_bridge.app import Service
     from voucher_bridge.settings import Settings
+    from voucher_contracts.schema import dumps, write_schema_files
 
     # The contract's defaults, whatever this shell's environment says.
     document = Service(Settings.model_construct()).asyncapi_document()
-    out.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps(document))
     print(f"wrote {out}")
+    written = write_schema_files(schemas)
+    print(f"wrote {len(written)} JSON Schemas in {schemas}")
     return 0
 
 

@@ -13,3 +13,19 @@ ORIGINAL_GROUP = "x-dlq-original-group"  # the consumer group that read it
 # Set when the record, byte for byte with these headers, was more than the broker takes: the
 # dead letter then has no value and none of the original headers; this says what was left out.
 OMITTED = "x-dlq-omitted"
+
+# The reasons the service gives (binding.py and the pipeline); more may be added.
+REASONS = (
+    "too_large",  # more than MAX_RECORD_BYTES
+    "empty_value",  # no value and no ce_ headers
+    "not_json",
+    "too_deep",  # JSON nested deeper than binding.MAX_JSON_DEPTH
+    "not_a_cloudevent",  # JSON, but not an object with specversion
+    "invalid_header",  # a ce_ header that is not UTF-8
+    "unsupported_specversion",
+    "missing_attribute",  # id, source, type or subject missing or blank
+    "invalid_attribute",
+    "unknown_type",  # not a command type of this topic
+    "result_refused",  # a command whose result the broker refused, even compact
+    "internal_error",  # decoding failed on a bug
+)

@@ -16,19 +16,59 @@ from typing import Any
 
 # At most 15 digits before the point: more than any till or wallet holds, and well inside
 # Decimal's default 28-digit precision (so quantizing never raises).
-_AMOUNT = re.compile(r"(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,2})?")
+_INTEGER_DIGITS = 15
 _CENTS = Decimal("0.01")
-_LIMIT = 10**15
+_LIMIT = 10**_INTEGER_DIGITS
 
-# How the grammar reads in the JSON Schemas of the AsyncAPI document.
-AMOUNT_JSON_SCHEMA = {
-    "anyOf": [
-        {"type": "string", "pattern": "^" + _AMOUNT.pattern + "$"},
-        {"type": "number", "minimum": 0, "multipleOf": 0.01},
-    ],
-    "description": "an amount: ASCII digits, at most 2 decimal places; no sign, exponent, "
-    "separators or blanks (a JSON number: the same, written without an exponent)",
-}
+
+def _grammar(integer_digits: int, positive: bool = False, max_digits: int | None = None) -> str:
+    """The grammar as a regular expression, for at most `integer_digits` digits before the
+    point; `positive`: more than zero; `max_digits`: pydantic's `max_digits` too, which counts
+    the digits of the amount without its fraction's trailing zeros."""
+    if max_digits is None and not positive:
+        return f"(?:0|[1-9][0-9]{{0,{integer_digits - 1}}})(?:\\.[0-9]{{1,2}})?"
+    fractions = {2: "\\.[0-9]{1,2}", 1: "\\.[0-9]0?", 0: "\\.00?"}
+    # A whole part of `k` digits leaves `max_digits - k` for the fraction's significant ones.
+    by_places: dict[int, list[int]] = {}
+    for k in range(1, integer_digits + 1):
+        places = 2 if max_digits is None else min(2, max_digits - k)
+        if places >= 0:
+            by_places.setdefault(places, []).append(k)
+    zero = "0\\.(?:[1-9][0-9]?|0[1-9])" if positive else "0(?:\\.[0-9]{1,2})?"
+    branches = [zero]
+    for places, ks in sorted(by_places.items(), reverse=True):
+        branches.append(f"[1-9][0-9]{{{ks[0] - 1},{ks[-1] - 1}}}(?:{fractions[places]})?")
+    return "(?:" + "|".join(branches) + ")"
+
+
+_AMOUNT = re.compile(_grammar(_INTEGER_DIGITS))
+
+
+def amount_json_schema(
+    *, integer_digits: int = _INTEGER_DIGITS, positive: bool = False, max_digits: int | None = None
+) -> dict[str, Any]:
+    """The grammar in JSON Schema, for an amount of at most `integer_digits` digits before the
+    point (`positive`: more than zero; `max_digits`: as pydantic's, see `_grammar`).
+
+    A string is held to the grammar by `pattern`. A number gets its bounds only: "at most two
+    places" has no portable JSON Schema form (`multipleOf: 0.01` fails validators that divide
+    in binary floating point, on amounts as plain as 0.07), so a number with more places (or
+    more digits than `max_digits`) passes the schema and is refused by the service (`rejected`,
+    `validation_error`).
+    """
+    if max_digits is not None:
+        integer_digits = min(integer_digits, max_digits)
+    number: dict[str, Any] = {"type": "number", "exclusiveMaximum": 10**integer_digits}
+    number["exclusiveMinimum" if positive else "minimum"] = 0
+    return {
+        "anyOf": [
+            {"type": "string", "pattern": f"^{_grammar(integer_digits, positive, max_digits)}$"},
+            number,
+        ],
+        "description": "an amount: a string of ASCII digits with at most 2 decimal places "
+        "(no sign, exponent, separators or blanks), or a JSON number written so",
+        "examples": ["12.50", "12"],
+    }
 
 
 def strict_amount(value: Any) -> Decimal:

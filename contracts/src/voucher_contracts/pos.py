@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from voucher_contracts.money import AMOUNT_JSON_SCHEMA, strict_amount
+from voucher_contracts.money import amount_json_schema, strict_amount
 
 MAX_BILL_TOTAL = Decimal("99999999.99")
 
@@ -23,7 +23,8 @@ Money = Annotated[
     Decimal,
     BeforeValidator(strict_amount),
     AfterValidator(_at_most_max),
-    WithJsonSchema({**AMOUNT_JSON_SCHEMA, "maximum": float(MAX_BILL_TOTAL)}),
+    # At most MAX_BILL_TOTAL: as many digits before the point as it has.
+    WithJsonSchema(amount_json_schema(integer_digits=len(str(int(MAX_BILL_TOTAL))))),
 ]
 
 # Codes travel joined by ';' to the upstream, so a code may not contain one.
@@ -56,12 +57,16 @@ class Remove(_PosData):
 
 
 class Redeem(_PosData):
-    voucher_codes: Annotated[list[VoucherCode], Field(min_length=1), AfterValidator(_unique)]
+    voucher_codes: Annotated[
+        list[VoucherCode],
+        Field(min_length=1, json_schema_extra={"uniqueItems": True}),
+        AfterValidator(_unique),
+    ]
 
 
 class Cancel(_PosData):
     voucher_codes: Annotated[list[VoucherCode], AfterValidator(_unique)] = Field(
-        default_factory=list
+        default_factory=list, json_schema_extra={"uniqueItems": True}
     )
 
 
@@ -73,4 +78,63 @@ POS_COMMAND_TYPES: dict[str, type[_PosData]] = {
     "pos.remove": Remove,
     "pos.redeem": Redeem,
     "pos.cancel": Cancel,
+}
+
+
+# What a `pos.*` result's data carries beyond every result's fields (envelope.ResultData), as
+# JSON Schema: the handlers add these as extras (evoucher/decisions.py, evoucher/handler.py).
+# None is required: a compact result (cut to fit the broker) keeps none of them.
+_AMOUNT_OUT = {
+    "type": "string",
+    "pattern": "^(?:0|[1-9][0-9]*)\\.[0-9]{2}$",
+    "description": "an amount, to the cent, as a decimal string",
+}
+_ANY_POS = {
+    "voucher_code": {
+        "type": "string",
+        "description": "the voucher: the command's, or the one the upstream's refusal names",
+    },
+    "expires_on": {
+        "type": "string",
+        "format": "date",
+        "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+        "description": "voucher_expired: the day it expired",
+    },
+}
+_CODES_OUT = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "the vouchers, as the command named them",
+}
+
+POS_RESULT_FIELDS: dict[str, dict[str, object]] = {
+    "pos.bill_total": {
+        **_ANY_POS,
+        "bill_total": {**_AMOUNT_OUT, "description": "succeeded: the bill total now set"},
+    },
+    "pos.scan": {
+        **_ANY_POS,
+        "amount": {
+            **_AMOUNT_OUT,
+            "pattern": "^-?(?:0|[1-9][0-9]*)\\.[0-9]{2}$",
+            "description": "succeeded: what the voucher takes off the bill, as the upstream "
+            "priced it (absent when it sent no readable price)",
+        },
+    },
+    "pos.remove": dict(_ANY_POS),
+    "pos.redeem": {
+        **_ANY_POS,
+        "voucher_codes": {**_CODES_OUT, "description": "succeeded, or failed when reconciled"},
+        "reconciled": {
+            "type": "boolean",
+            "description": "true: decided by scanning the vouchers after the redeem's answer "
+            "was lost, not by the redeem's own answer",
+        },
+        "voucher_states": {
+            "type": "object",
+            "additionalProperties": {"enum": ["redeemed", "not_redeemed"]},
+            "description": "indeterminate after a lost answer: what each voucher's scan showed",
+        },
+    },
+    "pos.cancel": {**_ANY_POS, "voucher_codes": _CODES_OUT},
 }
