@@ -6,7 +6,7 @@ UV_VERSION := 0.13.8
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/var/tools/bin/uv)
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: help sync kafka-up kafka-down topics demo run test test-unit lint format asyncapi sandbox clean bench bench-quick soak
+.PHONY: help sync kafka-up kafka-down topics demo run test test-unit lint format asyncapi sandbox clean bench bench-quick soak image image-sandbox base-images
 
 help:
 	@echo "make demo        the service end to end: broker, sandbox, service, two POS sessions"
@@ -14,6 +14,7 @@ help:
 	@echo "make run         the service in the foreground (settings from the environment)"
 	@echo "make kafka-up    start the local Kafka broker (127.0.0.1:9092); make kafka-down"
 	@echo "make sandbox     the eVOUCHER sandbox on 127.0.0.1:8081"
+	@echo "make image       the service image voucher-bridge:0.1.0 (podman or docker); make image-sandbox"
 
 $(CURDIR)/var/tools/bin/uv:
 	python3 -m venv var/tools
@@ -63,6 +64,18 @@ test-unit: sync
 # The integration tests start the local broker themselves when none runs (tests/support/kafka.py).
 test: lint
 	$(UV) run pytest -q
+
+# Images (deploy/images/): podman or docker, whichever is installed. Where no base image can
+# be pulled, the podman build first makes one from Debian's packages (base-images, mmdebstrap);
+# an image whose inputs have not changed is not built again (FORCE=1 builds anyway).
+image:
+	@deploy/images/build.sh service
+
+image-sandbox:
+	@deploy/images/build.sh sandbox
+
+base-images:
+	@deploy/images/base.sh all
 
 asyncapi: sync
 	$(UV) run voucher-bridge asyncapi --out contracts/asyncapi.json
