@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# TEST STAND-IN for Kafka's kafka-console-consumer.sh.
+exec "$(dirname "$0")/kafka-run-class.sh" org.apache.kafka.tools.consumer.ConsoleConsumer "$@"
