@@ -13,20 +13,15 @@ from typing import Any
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
-from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
-from faststream.asgi.handlers import GetHandler
-from faststream.asgi.response import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 from faststream.specification import AsyncAPI
-from opentelemetry import metrics as otel_metrics
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from opentelemetry.metrics import Observation
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from voucher_bridge import __version__, metrics
+from voucher_bridge.breaker import guard_from_settings
 from voucher_bridge.epin.client import Credentials, EpinClient
 from voucher_bridge.epin.handler import CouponCommandHandler
 from voucher_bridge.evoucher.client import EvoucherClient
@@ -38,9 +33,15 @@ from voucher_bridge.guards import (
     topics_kept_longer,
     unnamed_members,
 )
+from voucher_bridge.health import LivenessBounds, LoopWatch, Probes
 from voucher_bridge.kafka.admin import group_client_ids, topic_retention_ms
-from voucher_bridge.kafka.connection import connection_args, faststream_security
-from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
+from voucher_bridge.kafka.connection import (
+    ProblemLog,
+    connection_args,
+    connection_problem,
+    faststream_security,
+)
+from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher, PartitionProgress
 from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
 from voucher_bridge.kafka.producer import RecordProducer
 from voucher_bridge.kafka.records import Record
@@ -50,10 +51,9 @@ from voucher_bridge.settings import Settings
 from voucher_bridge.store import StoreSessions, open_store
 from voucher_bridge.telemetry import configure_metrics, configure_tracing
 from voucher_bridge.upstream import RetryPolicy
-from voucher_contracts import CommandEnvelope, ResultEnvelope
+from voucher_contracts import CommandEnvelope, asyncapi
 from voucher_contracts.coupon import COUPON_COMMAND_TYPES
 from voucher_contracts.pos import POS_COMMAND_TYPES
-from voucher_contracts.schema import command_schema
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,19 @@ async def _asked_again(
             await asyncio.sleep(0.5)
 
 
+def _upstream_wait_s(settings: Settings) -> float:
+    """The longest a command may wait for an upstream's open circuit (breaker.py)."""
+    waits = [
+        settings.evoucher_breaker_max_wait_s
+        if settings.evoucher_breaker_when_open == "wait" and settings.evoucher_breaker_failures
+        else 0.0,
+        settings.epin_breaker_max_wait_s
+        if settings.epin_breaker_when_open == "wait" and settings.epin_breaker_failures
+        else 0.0,
+    ]
+    return max(waits)
+
+
 def _text_safe(value: bytes | None) -> bytes:
     if value is None:
         return b""
@@ -104,6 +117,45 @@ async def _message_itself(message: StreamMessage[Any], decode: Any) -> StreamMes
     # gets the message itself: it needs the record and its consumer, and nothing is injected
     # (`apply_types=False`, see `_broker`).
     return message
+
+
+class _PatientBroker(KafkaBroker):
+    """FastStream's broker, started once `before_start` says so. FastStream answers HTTP (and
+    so /health/ready) only after the startup hooks have returned, and starts the broker after
+    them: a cluster that does not take this client yet is waited for here, the service
+    running and saying why, rather than ending at start."""
+
+    before_start: Callable[[], Awaitable[bool]] | None = None
+
+    async def start(self) -> None:
+        if self.before_start is None or await self.before_start():
+            await super().start()
+
+
+def _progress_json(p: PartitionProgress) -> dict[str, Any]:
+    return {
+        "topic": p.topic,
+        "partition": p.partition,
+        "lag": p.lag,
+        "committed": p.committed,
+        "in_flight": p.in_flight,
+        "oldest_unfinished_offset": p.oldest_unfinished_offset,
+        "oldest_unfinished_age_s": _rounded(p.oldest_unfinished_age_s),
+        "lanes": p.lanes,
+        "busiest": [
+            {
+                "key": lane.key.decode("utf-8", "replace") if lane.key is not None else None,
+                "depth": lane.depth,
+                "running_offset": lane.running_offset,
+                "running_s": _rounded(lane.running_s),
+            }
+            for lane in p.busiest
+        ],
+    }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 @dataclass
@@ -124,7 +176,14 @@ class Service:
         # Armed by `voucher-bridge run` (the process's own stop), not where a Service is
         # embedded, e.g. in a test's process.
         self.stop_watchdog: StopWatchdog | None = None
-        self.producer = RecordProducer(**connection_args(settings))
+        # One TLS context for the producer and the connection check, so the check sees what
+        # the producer will (FastStream's clients get their own, from the same files).
+        self._connection = connection_args(settings)
+        self.producer = RecordProducer(**self._connection)
+        # Why the cluster does not take this client, while it does not (readiness says it).
+        self._kafka_problems = ProblemLog()
+        self._kafka_parts_started = False  # producer, store instance, start-up guard
+        self._stopping = False
         self.store = open_store(
             settings.idempotency_store_url.get_secret_value(), settings.store_timeout_s
         )
@@ -136,6 +195,7 @@ class Service:
             connect_timeout_s=settings.evoucher_connect_timeout_s,
             read_timeout_s=settings.evoucher_read_timeout_s,
             max_connections=settings.evoucher_max_connections,
+            guard=guard_from_settings(settings, "evoucher"),
         )
         self.epin = EpinClient(
             settings.epin_base_url or "http://epin.invalid/",
@@ -149,6 +209,7 @@ class Service:
             read_timeout_s=settings.epin_read_timeout_s,
             max_connections=settings.epin_max_connections,
             max_pages=settings.epin_max_pages,
+            guard=guard_from_settings(settings, "epin"),
         )
         # The eVOUCHER client makes its own client spans (evoucher.client, the hot path).
         HTTPXClientInstrumentor().instrument_client(self.epin._http)
@@ -186,6 +247,7 @@ class Service:
                 purge_interval_s=settings.idempotency_purge_interval_s,
                 command_timeout_s=settings.command_timeout_s,
                 store_timeout_s=settings.store_timeout_s,
+                upstream_wait_s=_upstream_wait_s(settings),
             ),
         )
         self.lanes = [
@@ -215,9 +277,15 @@ class Service:
             max_in_flight=settings.max_in_flight,
             commit_interval_s=settings.commit_interval_ms / 1000,
             drain_timeout_s=settings.drain_timeout_s,
+            stuck_after_s=settings.stuck_after_s,
+            describe=self._describe,
             on_rebalance=self._on_rebalance,
         )
         self._group_watch: asyncio.Task[None] | None = None
+        # Ticks on the service's loop, so that the probes (on a thread of their own) can tell
+        # a blocked loop (health.py).
+        self.loop_watch = LoopWatch()
+        self._loop_watching: asyncio.Task[None] | None = None
         self.broker = self._broker()
 
     def _on_rebalance(self) -> None:
@@ -274,7 +342,7 @@ class Service:
 
     def _broker(self) -> KafkaBroker:
         settings = self.settings
-        broker = KafkaBroker(
+        broker = _PatientBroker(
             settings.kafka_bootstrap_servers,
             security=faststream_security(settings),
             # Names this instance, so that the group's members can be matched to the
@@ -292,6 +360,7 @@ class Service:
             # group per command, ~7 % of the CPU in `make bench`).
             apply_types=False,
         )
+        broker.before_start = self._until_kafka_takes_us
         self.subscriber = broker.subscriber(
             *(lane.topics.commands for lane in self.lanes),
             group_id=settings.kafka_group_id,
@@ -320,28 +389,73 @@ class Service:
             await dispatcher.submit(record, message.consumer)
 
         for lane in self.lanes:
-            # Declared for the AsyncAPI document; results go out through RecordProducer.
-            broker.publisher(
-                lane.topics.results,
-                title=lane.topics.results,
-                description=f"One result event per {lane.name} command, keyed like it.",
-                schema=ResultEnvelope,
-            )
+            # Declared for the AsyncAPI document's frame only (its channels' bindings and
+            # servers); results and dead letters go out through RecordProducer, and their
+            # messages are the contract's (voucher_contracts.asyncapi).
+            for topic in (lane.topics.results, lane.topics.dead_letters):
+                broker.publisher(topic, title=topic)
         return broker
 
     async def on_startup(self) -> None:
+        self._loop_watching = asyncio.create_task(self.loop_watch.run(), name="loop-watch")
+        dispatcher, once = self.dispatcher, self.once
+        metrics.observe_in_flight(lambda: dispatcher.in_flight)
+        metrics.observe_progress(lambda: dispatcher.snapshot)
+        metrics.observe_assigned(lambda: dispatcher.assigned_count)
+        metrics.observe_unsettled(lambda: once.unsettled)
+        metrics.start_at_zero()
+        # Where the cluster takes this client, everything starts here, as a refused start
+        # ends the process. Where it does not (a wrong password, an untrusted certificate),
+        # the start goes on in the broker's (_until_kafka_takes_us): this hook must return for
+        # /health/ready to be served.
+        if await self._kafka_takes_us():
+            await self._start_kafka_parts()
+
+    async def _kafka_takes_us(self) -> bool:
+        problem = await connection_problem(self.settings, self._connection)
+        self._kafka_problems.report(problem, self.settings.kafka_bootstrap_servers)
+        return problem is None
+
+    async def _until_kafka_takes_us(self) -> bool:
+        """Before the broker starts: wait until the cluster takes this client (asking again
+        with backoff, the cause logged once), then start what needs it. False: stopped first."""
+        delay = 1.0
+        while not self._kafka_parts_started:
+            if self._stopping:
+                return False
+            if await self._kafka_takes_us():
+                try:
+                    await self._start_kafka_parts()
+                except KafkaError as exc:  # taken by one server, not yet by the whole cluster
+                    log.warning("could not start the producer yet (%s); trying again", exc)
+            if not self._kafka_parts_started:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        return not self._stopping
+
+    async def _start_kafka_parts(self) -> None:
+        """The producer, this instance in the store and the start-up guard, before consuming.
+        A refused start stops what it started: no shutdown hooks run after a failed start."""
         await self.producer.start()
         await self.once.start(
             self._publish_superseding,
             self.dispatcher.submit_job,
             self.dispatcher.owned_partitions,
         )
+        self._kafka_parts_started = True
         try:
             await self._guard_forgetting()
         except BaseException:
-            await self.once.stop()
-            await self.producer.stop()
+            await self._stop_kafka_parts()
             raise
+
+    async def _stop_kafka_parts(self) -> None:
+        # Each at most once: a start refused after the broker's start began is followed by
+        # the shutdown hooks too; a cluster that never took this client started nothing.
+        if self._kafka_parts_started:
+            self._kafka_parts_started = False
+            await self.once.stop()
+        await self.producer.stop()
 
     async def _guard_forgetting(self) -> None:
         """Refuse to start where the store cannot remember for the whole group (see guards).
@@ -397,20 +511,60 @@ class Service:
         await lane.pipeline.publish_result(record_key, command, answered)
 
     async def readiness(self) -> dict[str, Any]:
-        """What an orchestrator needs to know before sending traffic here."""
+        """What an orchestrator needs to know before counting on this instance: each part,
+        and why one is false. Asked by the health server, on the service's loop."""
+        settings = self.settings
+        results = [lane.topics.results for lane in self.lanes]
+        broker, cannot_send = await asyncio.gather(
+            self.broker.ping(timeout=2.0), self.producer.cannot_send(results)
+        )
+        # The store takes this instance's heartbeat every INSTANCE_HEARTBEAT_S.
+        store_silent_s = self.once.store_answered_s
+        store_ok = store_silent_s < 3 * settings.instance_heartbeat_s + settings.store_timeout_s
         checks = {
-            "broker": await self.broker.ping(timeout=5.0),
-            "producer": self.producer.started,
+            "broker": broker,
+            "producer": cannot_send is None,
+            "store": store_ok,
+            "assigned": self.dispatcher.rebalanced and self.dispatcher.assigned_count > 0,
             "consuming": bool(self.subscriber.running),
         }
-        return {
-            "ready": all(checks.values()),
+        draining = self.dispatcher.closing or self._stopping
+        report: dict[str, Any] = {
+            "ready": all(checks.values()) and not draining,
             **checks,
+            "draining": draining,
             "in_flight": self.dispatcher.in_flight,
             "partitions": sorted(f"{tp.topic}[{tp.partition}]" for tp in self._assignment()),
+            "progress": [_progress_json(p) for p in self.dispatcher.progress()],
         }
+        why = {}
+        if cannot_send is not None:
+            why["producer"] = cannot_send
+        if not store_ok:
+            why["store"] = f"no heartbeat taken for {store_silent_s:.0f} s"
+        if not checks["assigned"]:
+            why["assigned"] = (
+                "no partitions (the group has more members than partitions, or has not "
+                "rebalanced yet)"
+                if self.dispatcher.rebalanced
+                else "the group has not given this instance its partitions yet"
+            )
+        if why:
+            report["why"] = why
+        if self._kafka_parts_started:
+            # Running, and the cluster answers or not: why not (a password or a certificate
+            # changed since the start), or that it does again. Logged once per cause.
+            problem = None
+            if not checks["broker"]:
+                problem = await connection_problem(self.settings, self._connection)
+            self._kafka_problems.report(problem, self.settings.kafka_bootstrap_servers)
+        problem = self._kafka_problems.current
+        if problem is not None and not checks["broker"]:
+            report.update(reason=problem.reason, check=list(problem.check), detail=problem.detail)
+        return report
 
     async def on_shutdown(self) -> None:
+        self._stopping = True  # a start still waiting for the cluster gives up
         # The whole stop is bounded (serving.py); the drain takes at most DRAIN_TIMEOUT_S.
         if self.stop_watchdog is not None:
             self.stop_watchdog.start()
@@ -418,8 +572,7 @@ class Service:
         await self.dispatcher.close()
 
     async def after_shutdown(self) -> None:
-        await self.once.stop()
-        await self.producer.stop()
+        await self._stop_kafka_parts()
         await self.evoucher.aclose()
         await self.epin.aclose()
         if self.stop_watchdog is not None:
@@ -429,54 +582,60 @@ class Service:
         consumer = getattr(self.subscriber, "consumer", None)
         return set(consumer.assignment()) if consumer is not None else set()
 
-    def _metrics_route(self, registry: CollectorRegistry) -> GetHandler:
-        otel_metrics.get_meter("voucher_bridge").create_observable_gauge(
-            "voucher_bridge.in_flight",
-            [lambda _: [Observation(self.dispatcher.in_flight)]],
-            unit="{command}",
-            description="Commands being processed now.",
+    def probes(self) -> Probes:
+        """What the health server (health.py) asks, and the registry `/metrics` serves."""
+        settings = self.settings
+        return Probes(
+            watch=self.loop_watch,
+            bounds=LivenessBounds(settings.liveness_loop_blocked_s, settings.liveness_poll_idle_s),
+            readiness=self.readiness,
+            poll_idle_s=self._poll_idle_s,
+            registry=configure_metrics(),
+            # Below the probes' timeout (the chart's is 6 s).
+            readiness_timeout_s=5.0,
         )
 
-        @get(include_in_schema=False)
-        async def serve(scope: Any) -> AsgiResponse:
-            body = generate_latest(registry)
-            return AsgiResponse(body, 200, {"Content-Type": CONTENT_TYPE_LATEST})
+    def _poll_idle_s(self) -> float | None:
+        """How long the consumer loop has not asked Kafka for records; None while it does not
+        run (starting, waiting for the cluster, draining): there is nothing to judge then."""
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None or not self.subscriber.running or self.dispatcher.closing:
+            return None
+        # aiokafka's own measure (what it leaves the group by after max_poll_interval_ms).
+        subscription = getattr(consumer, "_subscription", None)
+        idle = getattr(subscription, "fetcher_idle_time", None)
+        return float(idle) if idle is not None else None
 
-        return serve
-
-    def _ready_route(self) -> GetHandler:
-        @get(include_in_schema=False)
-        async def ready(scope: Any) -> AsgiResponse:
-            report = await self.readiness()
-            return JSONResponse(report, 200 if report["ready"] else 503)
-
-        return ready
+    def _describe(self, record: Record) -> str:
+        """A record's command, for the stuck-record log line (decoded again: it is rare)."""
+        lane = self._by_topic.get(record.topic)
+        command = lane.pipeline.command_of(record) if lane is not None else None
+        return f"{command.type} {command.id} of {command.subject}" if command else "not a command"
 
     def asyncapi_document(self) -> dict[str, Any]:
-        """FastStream's AsyncAPI document, with the command payloads described as they are.
-
-        The subscriber takes the raw message (so that a malformed record still reaches the
-        dead-letter path), so FastStream cannot see the command schema; it is filled in here.
-        """
-        document: dict[str, Any] = self.specification().to_specification().to_jsonable()
-        components = document["components"]
-        for placeholder in ("OnCommand:Message:Payload", "EmptyPayload"):
-            components["schemas"].pop(placeholder, None)
-        for lane in self.lanes:
-            name = f"{lane.name.capitalize()}Command"
-            components["schemas"][name] = command_schema(name, lane.command_types)
-            message = components["messages"][f"{lane.topics.commands}:OnCommand:SubscribeMessage"]
-            message["payload"] = {"$ref": f"#/components/schemas/{name}"}
-        for message in components["messages"].values():
-            message.pop("correlationId", None)  # FastStream's header; not part of this contract
-        return document
+        """The AsyncAPI document: FastStream's of this app as the frame (info, servers, the
+        channels' bindings), the contract's channels, messages and schemas in it. The
+        subscriber takes the raw record (so that a malformed one still reaches the dead-letter
+        path), so FastStream cannot see what the commands are."""
+        frame: dict[str, Any] = self.specification().to_specification().to_jsonable()
+        domains = [
+            asyncapi.Domain(
+                lane.name,
+                lane.topics.commands,
+                lane.topics.results,
+                lane.topics.dead_letters,
+                lane.command_types,
+            )
+            for lane in self.lanes
+        ]
+        return asyncapi.asyncapi_document(frame, domains, group_id=self.settings.kafka_group_id)
 
     def specification(self) -> AsyncAPI:
         return AsyncAPI(
             self.broker,
             title="voucher-bridge",
             version=__version__,
-            description="POS and coupon commands in, one result event per command out.",
+            description=asyncapi.DESCRIPTION,
         )
 
     def app(self) -> FastStream:
@@ -485,23 +644,6 @@ class Service:
         return FastStream(
             self.broker,
             specification=self.specification(),
-            on_startup=[self.on_startup],
-            after_startup=[self.after_startup],
-            on_shutdown=[self.on_shutdown],
-            after_shutdown=[self.after_shutdown],
-        )
-
-    def asgi_app(self) -> AsgiFastStream:
-        configure_tracing()
-        return AsgiFastStream(
-            self.broker,
-            specification=self.specification(),
-            asgi_routes=[
-                ("/health/live", make_ping_asgi(self.broker, timeout=5.0)),
-                ("/health/ready", self._ready_route()),
-                ("/metrics", self._metrics_route(configure_metrics())),
-            ],
-            asyncapi_path=None,
             on_startup=[self.on_startup],
             after_startup=[self.after_startup],
             on_shutdown=[self.on_shutdown],

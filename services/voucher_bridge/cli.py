@@ -59,22 +59,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(http_port: int | None) -> int:
+    import uvloop
+
     from voucher_bridge.app import Service
-    from voucher_bridge.serving import DrainingServer, StopWatchdog, shutdown_bound_s
+    from voucher_bridge.health import HealthServer
+    from voucher_bridge.serving import StopWatchdog, shutdown_bound_s
     from voucher_bridge.settings import load_settings
 
     settings = load_settings()
     port = settings.http_port if http_port is None else http_port
     service = Service(settings)
     service.stop_watchdog = StopWatchdog(shutdown_bound_s(settings.drain_timeout_s))
-    if port:
-        # loop="auto": uvloop, as below.
-        DrainingServer.for_app(service.asgi_app(), settings.http_host, port).run()
-    else:
-        import uvloop
-
-        # uvloop's event loop costs less CPU per command than asyncio's (`make bench`).
-        uvloop.run(service.app().run())
+    app = service.app()
+    # Probes and metrics on a thread of their own, up before the service starts (a startup
+    # probe asks from the first second) and answering while its loop is busy or stuck.
+    health = HealthServer(service.probes(), settings.http_host, port) if port else None
+    if health is not None:
+        health.start()
+    try:
+        # FastStream handles SIGTERM and SIGINT: it drains (on_shutdown), stops and returns,
+        # so a stop on a signal exits 0. uvloop costs less CPU per command than asyncio's
+        # loop (`make bench`).
+        uvloop.run(app.run())
+    finally:
+        if health is not None:
+            health.stop()
     return 0
 
 

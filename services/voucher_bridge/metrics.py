@@ -155,6 +155,13 @@ records_stuck = _meter.create_counter(
 )
 
 
+def start_at_zero() -> None:
+    """Serve the counters alerts divide by from the start, at 0, not from their first event
+    (a rate over a series that appears only with its first failure misses that failure)."""
+    for counter in (dead_letters, commit_failures, records_stuck, commits):
+        counter.add(0)
+
+
 # Where the partitions stand: the dispatcher's last snapshot (see `observe_progress`).
 _progress: Callable[[], Sequence[Any]] = list
 
@@ -210,6 +217,22 @@ _meter.create_observable_gauge(
     [_per_partition(lambda p: p.lanes)],
     unit="{lane}",
     description="Per partition: keys with work waiting or running.",
+)
+
+# Commands being processed now (see `observe_in_flight`).
+_in_flight: Callable[[], int] = lambda: 0  # noqa: E731
+
+
+def observe_in_flight(count: Callable[[], int]) -> None:
+    global _in_flight
+    _in_flight = count
+
+
+_meter.create_observable_gauge(
+    "voucher_bridge.in_flight",
+    [lambda options: [Observation(_in_flight())]],
+    unit="{command}",
+    description="Commands being processed now.",
 )
 
 # How many partitions the group gave this instance (see `observe_assigned`).

@@ -34,11 +34,12 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from voucher_bridge import metrics
+from voucher_bridge.breaker import running_command
 from voucher_bridge.results import Decision, result
 from voucher_bridge.store.base import (
     Claim,
@@ -49,6 +50,7 @@ from voucher_bridge.store.base import (
     NewCommand,
     State,
     Unsettled,
+    UnsettledSummary,
 )
 from voucher_contracts import (
     CommandEnvelope,
@@ -179,17 +181,66 @@ class Timing:
     store_timeout_s: float = 5.0
     # How often claims of this instance that nothing runs are freed for the next owner.
     sweep_interval_s: float = 10.0
+    # The longest a command may wait for an upstream's open circuit, beside its own time
+    # (the largest `*_BREAKER_MAX_WAIT_S` of an upstream that waits; see `_CommandTime`).
+    upstream_wait_s: float = 0.0
 
     @property
     def busy_limit_s(self) -> float:
         """How long a claim held by a live instance is waited for. The holder finishes within
-        `command_timeout_s` and frees a claim it does not run within a sweep; one held for
-        longer is stranded there (its sweep failing, say) and is taken over."""
-        return self.command_timeout_s + self.sweep_interval_s + self.stale_after_s
+        `command_timeout_s` (and what it may wait for an open circuit) and frees a claim it
+        does not run within a sweep; one held for longer is stranded there (its sweep failing,
+        say) and is taken over."""
+        return (
+            self.command_timeout_s
+            + self.upstream_wait_s
+            + self.sweep_interval_s
+            + self.stale_after_s
+        )
 
 
 class StoreUnavailable(Exception):
     """The store did not answer within the command's time."""
+
+
+class _CommandTime:
+    """One command's bound (`command_timeout_s`), lent to a wait for an upstream's open circuit
+    (breaker.py) through `breaker.running_command`.
+
+    A command that waits for a circuit to close has sent nothing that cannot be sent again,
+    so none of its time is spent on the upstream: the bound stands still meanwhile (the
+    breaker bounds the wait itself, `*_BREAKER_MAX_WAIT_S`). Paused here rather than with a
+    gate before the timed part because only the send path knows when a call would be refused
+    (a command's third read may meet the circuit its second opened), and the send path has
+    no other way to reach the command it serves. Once a call that cannot be sent again may
+    have gone out (the recovery point), it may not wait: a wait then could only end in an
+    `indeterminate` at the bound, for a call that was never sent.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # on the loop's clock; moved on by each pause
+        self.waited_s = 0.0
+        self.sent = False
+        self.bound: asyncio.Timeout | None = None
+
+    def may_wait(self) -> bool:
+        return not self.sent and self.bound is not None and not self.bound.expired()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        bound = self.bound
+        assert bound is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        left = self.deadline - started
+        bound.reschedule(None)
+        try:
+            yield
+        finally:
+            now = loop.time()
+            self.waited_s += now - started
+            self.deadline = now + left
+            bound.reschedule(self.deadline)
 
 
 @dataclass(frozen=True)
@@ -223,6 +274,8 @@ class ExactlyOnce:
         self._unstored: dict[CommandKey, _Unstored] = {}
         self._releases: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
+        self._store_answered_at = time.monotonic()
+        self.unsettled: UnsettledSummary | None = None  # as last counted
         self._schedule: ScheduleJob | None = None
         self._owned: OwnedPartitions | None = None
         # Settle jobs queued or running here, and since when: one a drain dropped unstarted
@@ -244,6 +297,11 @@ class ExactlyOnce:
         self._owned = owned
         await self.store.open()
         await self.store.heartbeat(self.instance)
+        self._store_answered_at = time.monotonic()
+        try:
+            await self._count_unsettled()  # the gauges have a value from the start
+        except Exception as exc:
+            log.warning("could not count the unsettled results (%s)", type(exc).__name__)
         self._tasks = [
             asyncio.create_task(
                 self._every("heartbeat", self._timing.heartbeat_interval_s, self._beat)
@@ -256,6 +314,7 @@ class ExactlyOnce:
                 )
             ),
             asyncio.create_task(self._every("purge", self._timing.purge_interval_s, self.purge)),
+            asyncio.create_task(self._every("counting unsettled", 15.0, self._count_unsettled)),
         ]
 
     async def stop(self) -> None:
@@ -283,9 +342,20 @@ class ExactlyOnce:
                 log.warning("%s failed (%s: %s); trying again", name, type(exc).__name__, exc)
                 log.debug("%s failed", name, exc_info=True)
 
+    async def _count_unsettled(self) -> None:
+        # The whole store's (every instance reports the same): for the metrics and the alerts.
+        async with asyncio.timeout(self._timing.store_timeout_s):
+            self.unsettled = await self.store.unsettled_summary()
+
+    @property
+    def store_answered_s(self) -> float:
+        """How long ago the store last took this instance's heartbeat (readiness)."""
+        return time.monotonic() - self._store_answered_at
+
     async def _beat(self) -> None:
         async with asyncio.timeout(self._timing.store_timeout_s):
             await self.store.heartbeat(self.instance)
+        self._store_answered_at = time.monotonic()
         now = time.monotonic()
         if now - self._last_sweep >= self._timing.sweep_interval_s:
             self._last_sweep = now
@@ -438,18 +508,19 @@ class ExactlyOnce:
         assert claim.token is not None
         token = claim.token
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timing.command_timeout_s
+        bound = _CommandTime(loop.time() + self._timing.command_timeout_s)
 
         async def before_send(before: str | None) -> None:
+            # Within the command's time as it stands (moved on by any wait for a circuit).
             await self._store_op(
-                lambda: self.store.mark_sent(key, token, self._clock(), before), deadline
+                lambda: self.store.mark_sent(key, token, self._clock(), before), bound.deadline
             )
 
         resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
         # Resumed in its key's lane before any later command of the key: nothing came after.
         sent = SentCall(claim.sent_at, claim.before, later=()) if resuming_sent else None
         try:
-            data = await self._act(command, text_key, before_send, sent, deadline)
+            data = await self._act(command, text_key, before_send, sent, bound)
             unsettled = (
                 data.outcome is Outcome.INDETERMINATE and command.type in self._handler.money_moving
             )
@@ -457,7 +528,7 @@ class ExactlyOnce:
             answered = Answered(data, result_id(key.source, key.id))
             try:
                 # A few tries even when the handler used up the command's time.
-                until = max(deadline, loop.time() + 3 * self._timing.store_timeout_s)
+                until = max(bound.deadline, loop.time() + 3 * self._timing.store_timeout_s)
                 await self._store_op(
                     lambda: self.store.complete(key, token, stored, unsettled, self._clock()),
                     until,
@@ -492,16 +563,19 @@ class ExactlyOnce:
         text_key: str | None,
         before_send: BeforeSend,
         resuming: SentCall | None,
-        deadline: float,
+        time_: _CommandTime,
     ) -> ResultData:
-        sent = resuming is not None
+        sent = time_.sent = resuming is not None
 
         async def mark_and_note(before: str | None) -> None:
             nonlocal sent
+            # No wait for a circuit from here on, even if the store does not take the mark.
+            time_.sent = True
             await before_send(before)
             sent = True
 
-        bound = asyncio.timeout_at(deadline)
+        bound = time_.bound = asyncio.timeout_at(time_.deadline)
+        lent = running_command.set(time_)
         try:
             async with bound:
                 if resuming is not None:
@@ -528,6 +602,8 @@ class ExactlyOnce:
             return result(command, decision, UpstreamReport())
         except Exception as exc:
             return self._internal_error(command, exc, sent)
+        finally:
+            running_command.reset(lent)
 
     def _internal_error(self, command: CommandEnvelope, exc: Exception, sent: bool) -> ResultData:
         # A bug must not stop the partition, and the sender must hear back. Whether a

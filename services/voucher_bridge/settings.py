@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 
 class EpinAccount(BaseModel):
@@ -26,6 +31,20 @@ class Settings(BaseSettings):
         env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # A file in the secrets directory is what the platform mounted on purpose: it wins
+        # over the environment (where an image's default, e.g. its SQLite store URL, would
+        # otherwise hide a mounted PostgreSQL URL, and each instance keep a store of its own).
+        return init_settings, file_secret_settings, env_settings, dotenv_settings
+
     # Kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_group_id: str = "voucher-bridge"
@@ -36,6 +55,13 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
+    # Opens an encrypted KAFKA_SSL_KEYFILE (PKCS#8 PEM); unset, an encrypted key is refused at
+    # start (never prompted for on a terminal).
+    kafka_ssl_key_password: SecretStr | None = None
+    # The broker's certificate must name the host it is reached by. Turning this off only for
+    # a broker addressed by an IP its certificate does not list: anyone holding any certificate
+    # from the same CA could then pose as the broker.
+    kafka_ssl_check_hostname: bool = True
     pos_commands_topic: str = "pos.commands"
     pos_results_topic: str = "pos.results"
     coupon_commands_topic: str = "coupon.commands"
@@ -80,6 +106,31 @@ class Settings(BaseSettings):
     # Lists follow `next` to the end, but no further than this many pages.
     epin_max_pages: int = Field(default=100, gt=0)
 
+    # An upstream that is down (breaker.py): its circuit opens after this many consecutive
+    # failures (no connection, timeout, dropped connection, 5xx; 0 turns it off), refuses
+    # calls for `open_s`, then lets `half_open_probes` calls through at a time; the first
+    # answered closes it. While open, a POS command fails at once (a customer is waiting at
+    # the till; nothing was sent), a coupon command waits for it, at most `max_wait_s`, its
+    # command time standing still meanwhile.
+    evoucher_breaker_failures: int = Field(default=5, ge=0)
+    evoucher_breaker_open_s: float = Field(default=10.0, gt=0)
+    evoucher_breaker_half_open_probes: int = Field(default=1, ge=1)
+    evoucher_breaker_when_open: Literal["fail", "wait"] = "fail"
+    evoucher_breaker_max_wait_s: float = Field(default=600.0, ge=0)
+    epin_breaker_failures: int = Field(default=5, ge=0)
+    epin_breaker_open_s: float = Field(default=10.0, gt=0)
+    epin_breaker_half_open_probes: int = Field(default=1, ge=1)
+    epin_breaker_when_open: Literal["fail", "wait"] = "wait"
+    epin_breaker_max_wait_s: float = Field(default=600.0, ge=0)
+    # Requests per second to the upstream's host, beside *_MAX_CONNECTIONS (0: no limit, the
+    # default: neither vendor states a limit, and a made-up one lower than a busy hour's
+    # demand would queue every till behind it until commands time out). `burst`: how many may
+    # go at once after a quiet spell.
+    evoucher_rate_limit_rps: float = Field(default=0.0, ge=0)
+    evoucher_rate_limit_burst: int = Field(default=2, ge=1)
+    epin_rate_limit_rps: float = Field(default=0.0, ge=0)
+    epin_rate_limit_burst: int = Field(default=2, ge=1)
+
     # Retries of calls that are safe to repeat (a redeem is never resent once it may have
     # arrived): attempts in all, exponential backoff with full jitter.
     upstream_retry_attempts: int = Field(default=3, ge=1)
@@ -112,6 +163,15 @@ class Settings(BaseSettings):
     # this long after it went out (well above any server-side request limit).
     evoucher_apply_grace_s: float = Field(default=120.0, ge=0)
     epin_apply_grace_s: float = Field(default=120.0, ge=0)
+
+    # A record running longer than this is logged (once, with its command) and counted: long
+    # before COMMAND_TIMEOUT_S ends it.
+    stuck_after_s: float = Field(default=60.0, gt=0)
+    # Liveness (/health/live) fails only when the process cannot make progress: its event loop
+    # has not run, or its consumer has not polled Kafka, for this long (a broker or store
+    # outage is readiness's business, not a reason to restart).
+    liveness_loop_blocked_s: float = Field(default=30.0, gt=0)
+    liveness_poll_idle_s: float = Field(default=120.0, gt=0)
 
     # Health and metrics HTTP endpoint (0 turns it off)
     http_port: int = Field(default=8080, ge=0)

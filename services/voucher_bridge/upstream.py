@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Generic, TypeVar
 
@@ -31,6 +32,20 @@ class CallOutcomeUnknown(Exception):
     """The request may have reached the upstream, but no answer came back."""
 
 
+class UpstreamOpen(CallNotSent):
+    """Refused by the upstream's open circuit (breaker.py) before anything was sent."""
+
+    def __init__(self, upstream: str, title: str, until: datetime | None) -> None:
+        self.upstream = upstream  # "evoucher", "epin": as in the metrics
+        self.title = title  # "eVOUCHER API"
+        self.until = until  # when it lets a probe through (None: a probe is under way)
+        if until is not None:
+            state = f"circuit open until {until:%Y-%m-%dT%H:%M:%SZ}"
+        else:
+            state = "circuit half-open, its probe call under way"
+        super().__init__(f"the {title} is unavailable ({state})")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter, within a number of attempts."""
@@ -45,11 +60,22 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Attempts(Generic[T]):
-    """How a call went: its last answer (None if none came), and whether it may have arrived."""
+    """How a call went: its last answer (None if none came), whether it may have arrived, and
+    the open circuit that refused the last attempt (None: not refused)."""
 
     outcome: T | None
-    attempts: int
+    attempts: int  # sent, or tried to send; a refused attempt is not one
     may_have_reached: bool
+    refused: UpstreamOpen | None = None
+
+    @property
+    def refusal(self) -> str | None:
+        """What to tell the sender when an open circuit ended it: whether anything went out."""
+        if self.refused is None:
+            return None
+        if self.attempts == 0:
+            return f"{self.refused}: nothing was sent"
+        return f"{self.refused}: not tried again after {self.attempts} attempt(s)"
 
 
 async def call_with_retries(
@@ -58,15 +84,22 @@ async def call_with_retries(
     *,
     moves_money: bool,
     retry: RetryPolicy,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> Attempts[T]:
     """Send, and again while it is safe and useful: after no connection, a 429 (turned away,
     not applied), or, for a call that does not move money, a timeout, a dropped connection or
-    a 5xx. A call that moves money is never sent again once it may have arrived."""
+    a 5xx. A call that moves money is never sent again once it may have arrived. An attempt
+    refused by an open circuit ends it at once: no backoff is spent on an upstream known to
+    be down (a breaker that waits has done its waiting before it refuses), and so does
+    `ready` (the upstream's gate, `UpstreamGuard.ready`) refusing before a backoff: an attempt
+    that opened the circuit is not followed by a sleep whose end is known to be refused."""
     attempts, outcome, may_have_reached = 0, None, False
     while True:
         attempts += 1
         try:
             outcome = await send()
+        except UpstreamOpen as refused:
+            return Attempts(None, attempts - 1, may_have_reached, refused)
         except CallNotSent:
             outcome, retryable = None, True  # an earlier attempt's answer is not the last word
         except CallOutcomeUnknown:
@@ -79,6 +112,11 @@ async def call_with_retries(
                 return Attempts(outcome, attempts, may_have_reached)
         if not retryable or attempts >= retry.attempts:
             return Attempts(outcome, attempts, may_have_reached)
+        if ready is not None:
+            try:
+                await ready()
+            except UpstreamOpen as refused:
+                return Attempts(None, attempts, may_have_reached, refused)
         await asyncio.sleep(retry.delay(attempts))
 
 
@@ -98,6 +136,8 @@ def money(value: Any) -> Decimal | None:
     if value is None or isinstance(value, bool | float):
         return None
     try:
-        return Decimal(str(value)).quantize(Decimal("0.01"))
+        amount = Decimal(str(value))
+        # "NaN" and "Infinity" parse, but are no amount (and would break the result's schema).
+        return amount.quantize(Decimal("0.01")) if amount.is_finite() else None
     except InvalidOperation:
         return None

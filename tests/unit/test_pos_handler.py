@@ -43,6 +43,9 @@ class FakeClient:
     def knows(self, terminal: str) -> bool:
         return terminal in self.terminals
 
+    async def ready(self) -> None:
+        return None  # no breaker: every call may go
+
     async def call(self, terminal: str, route: Route, body: dict[str, Any]) -> Answer:
         self.calls.append((terminal, route, body))
         step = self.script.pop(0) if self.script else OK

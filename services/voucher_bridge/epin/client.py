@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
+from voucher_bridge.breaker import UpstreamGuard
 from voucher_bridge.epin.decisions import facility_disabled
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
 
@@ -62,8 +63,12 @@ class EpinClient:
         max_connections: int = 10,
         max_pages: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        guard: UpstreamGuard | None = None,
     ) -> None:
         self._base = base_url.rstrip("/") + "/"
+        # The circuit breaker and rate limit every request passes, logins and refreshes
+        # included (none: both off).
+        self._guard = guard or UpstreamGuard()
         self._api_key = api_key
         self._accounts = dict(accounts)
         self._refresh_path = refresh_path.lstrip("/")
@@ -85,8 +90,19 @@ class EpinClient:
         self.refreshes = 0
         self.renewals = 0  # calls sent again with a fresh token after a 401
 
+    @property
+    def guard(self) -> UpstreamGuard:
+        """The breaker and rate limit in front of this upstream (to read, not to call around)."""
+        return self._guard
+
     def knows(self, account: str) -> bool:
         return account in self._accounts and self._api_key is not None
+
+    async def ready(self) -> None:
+        """Return once the API's circuit would let a call through (waiting, when it waits);
+        raises UpstreamOpen when it would not (see breaker.py). Passed before a recovery
+        point is written."""
+        await self._guard.ready()
 
     async def call(
         self,
@@ -105,8 +121,8 @@ class EpinClient:
         clock skew). The request was refused before anything happened, so it is sent once more
         with a fresh token; a second 401 is the caller's to decide (`unauthorized`).
 
-        Raises Unauthorized when the credentials are refused, CallNotSent / CallOutcomeUnknown
-        like the eVOUCHER client.
+        Raises Unauthorized when the credentials are refused, UpstreamOpen / CallNotSent /
+        CallOutcomeUnknown like the eVOUCHER client.
         """
         tokens = self._tokens.setdefault(account, _Tokens())
         access = await self._token(account, tokens)
@@ -184,18 +200,23 @@ class EpinClient:
         params: Mapping[str, str] | None = None,
         files: dict[str, tuple[None, str]] | None = None,
     ) -> Answer:
-        started = time.monotonic()
-        try:
-            async with self._slots:
-                response = await self._http.request(
-                    method, path, params=params, files=files, headers=headers
-                )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise CallNotSent(f"{path}: {type(exc).__name__}") from None
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            raise CallOutcomeUnknown(f"{path}: {type(exc).__name__}") from None
-        elapsed_ms = int((time.monotonic() - started) * 1000)
-        return Answer(response.status_code, json_object(response.content), elapsed_ms)
+        """The one way out to the API: every request passes the breaker and the rate limit."""
+
+        async def request() -> Answer:
+            started = time.monotonic()
+            try:
+                async with self._slots:
+                    response = await self._http.request(
+                        method, path, params=params, files=files, headers=headers
+                    )
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                raise CallNotSent(f"{path}: {type(exc).__name__}") from None
+            except (httpx.TransportError, httpx.DecodingError) as exc:
+                raise CallOutcomeUnknown(f"{path}: {type(exc).__name__}") from None
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            return Answer(response.status_code, json_object(response.content), elapsed_ms)
+
+        return await self._guard.send(request, _status)
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -257,6 +278,10 @@ class EpinClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _status(answer: Answer) -> int:
+    return answer.status
 
 
 def _expiry(token: str) -> float | None:

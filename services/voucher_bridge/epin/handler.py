@@ -36,6 +36,7 @@ from voucher_bridge.upstream import (
     CallNotSent,
     CallOutcomeUnknown,
     RetryPolicy,
+    UpstreamOpen,
     call_with_retries,
     money,
 )
@@ -105,21 +106,40 @@ class CouponCommandHandler:
 
         sent_at = self._clock()
         try:
-            # What the API says now, so that a lost answer can be told apart later: kept with
-            # the recovery point, for whoever settles it.
-            before = await self._before(account, data) if moves_money else _Before()
-            if moves_money and before_send is not None:
-                await before_send(before.as_json())
+            before = _Before()
+            if moves_money:
+                # What the API says now, so that a lost answer can be told apart later: kept
+                # with the recovery point, for whoever settles it. While the API's circuit is
+                # open these reads wait for it (nothing has been sent yet).
+                before = await self._before(account, data)
+                # Those reads may have opened it: wait (or be refused) here, before the
+                # recovery point, where nothing has been sent; past it the send path no
+                # longer waits, and a refusal there is `failed` (nothing was sent either).
+                await self._client.ready()
+                if before_send is not None:
+                    await before_send(before.as_json())
             sent_at = self._clock()
             tried = await call_with_retries(
-                send, lambda sent: sent[0].status, moves_money=moves_money, retry=self._retry
+                send,
+                lambda sent: sent[0].status,
+                moves_money=moves_money,
+                retry=self._retry,
+                ready=self._client.ready,
             )
         except Unauthorized as exc:
             decision = Decision(Outcome.FAILED, "unauthorized", exc.message)
             return self._result(command, decision, _report(1, None, started))
+        except UpstreamOpen as refused:
+            # Waited as long as the API's circuit lets a command wait (or it does not wait):
+            # only reads went out.
+            message = f"{refused}: the {command.type} was not sent"
+            decision = Decision(Outcome.FAILED, "upstream_unavailable", message)
+            return self._result(command, decision, _report(0, None, started))
         answer, listed = tried.outcome if tried.outcome is not None else (None, None)
         attempts, may_have_reached = tried.attempts, tried.may_have_reached
-        decision = self._decision(command.type, data, answer, listed, may_have_reached)
+        decision = self._decision(
+            command.type, data, answer, listed, may_have_reached, tried.refusal
+        )
         if decision.outcome is Outcome.INDETERMINATE and moves_money:
             decision = await self._reconcile(account, data, decision, before, sent_at)
         return self._result(command, decision, _report(attempts, answer, started))
@@ -140,11 +160,16 @@ class CouponCommandHandler:
         answer: Answer | None,
         listed: list[dict[str, Any]] | None,
         may_have_reached: bool,
+        refusal: str | None = None,
     ) -> Decision:
         if answer is None or (answer.status >= 500 and command_type not in MONEY_MOVING):
-            return unanswered(
+            decision = unanswered(
                 moves_money=command_type in MONEY_MOVING, may_have_reached=may_have_reached
             )
+            if refusal is not None and decision.outcome is Outcome.FAILED:
+                # Ended by an open circuit: say so (and whether anything went out at all).
+                decision = replace(decision, message=refusal)
+            return decision
         return decide(command_type, data, answer, listed)
 
     async def recover(
@@ -210,6 +235,8 @@ class CouponCommandHandler:
                         account, "create", wallet=wallet, amount=amount
                     )
                     return _Before(at=at, created=created)
+        except UpstreamOpen:
+            raise  # the command waited as long as it may: nothing to send it after
         except (CallNotSent, CallOutcomeUnknown):
             pass
         return _Before(at=at)
@@ -346,6 +373,8 @@ class CouponCommandHandler:
     ) -> Decimal | None:
         try:
             coupons = await self._active(account)
+        except UpstreamOpen:
+            raise  # not "unknown": the caller tells a refusal from a failed read
         except (CallNotSent, CallOutcomeUnknown, Unauthorized):
             return None
         if coupons is None:

@@ -34,6 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import SecretStr
 
 from voucher_bridge import __version__
+from voucher_bridge.breaker import UpstreamGuard
 from voucher_bridge.http_transport import AsyncioHTTPTransport
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
 
@@ -85,8 +86,11 @@ class EvoucherClient:
         read_timeout_s: float = 15.0,
         max_connections: int = 10,
         transport: httpx.AsyncBaseTransport | None = None,
+        guard: UpstreamGuard | None = None,
     ) -> None:
         self._tokens = dict(tokens)
+        # The circuit breaker and rate limit every call passes (none: both off).
+        self._guard = guard or UpstreamGuard()
         self._sessions = sessions
         self._transport = transport or AsyncioHTTPTransport(
             limits=httpx.Limits(
@@ -107,17 +111,32 @@ class EvoucherClient:
         # request and connection (encode/httpcore#1035), which a semaphore does not.
         self._slots = asyncio.Semaphore(max_connections)
 
+    @property
+    def guard(self) -> UpstreamGuard:
+        """The breaker and rate limit in front of this upstream (to read, not to call around)."""
+        return self._guard
+
     def knows(self, terminal: str) -> bool:
         return terminal in self._tokens
+
+    async def ready(self) -> None:
+        """Return once the upstream's circuit would let a call through; raises UpstreamOpen
+        when it would not (see breaker.py). Passed before a recovery point is written."""
+        await self._guard.ready()
 
     async def call(self, terminal: str, route: Route, body: dict[str, Any]) -> Answer:
         """POST `body` to `route` as `terminal`.
 
-        Raises CallNotSent when no connection could be made, CallOutcomeUnknown when the
-        request may have been received but no answer was read. KeyError for an unknown
-        terminal (callers check `knows` first).
+        Raises UpstreamOpen (a CallNotSent) when the circuit is open, CallNotSent when no
+        connection could be made, CallOutcomeUnknown when the request may have been received
+        but no answer was read. KeyError for an unknown terminal (callers check `knows` first).
         """
         token = self._tokens[terminal].get_secret_value()
+        # Every request passes the breaker and the rate limit here, before anything else is
+        # done for it.
+        return await self._guard.send(lambda: self._send(terminal, token, route, body), _status)
+
+    async def _send(self, terminal: str, token: str, route: Route, body: dict[str, Any]) -> Answer:
         cookies = await self._sessions.load(terminal)
         headers = {**_HEADERS, "X-Token": token}
         if cookies:
@@ -165,6 +184,10 @@ class EvoucherClient:
 
 
 _tracer = trace.get_tracer("voucher_bridge.evoucher")
+
+
+def _status(answer: Answer) -> int:
+    return answer.status
 
 
 def _span_attributes(url: httpx.URL) -> dict[str, str | int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from voucher_bridge.evoucher.client import EvoucherClient, Route
 from voucher_bridge.evoucher.decisions import MONEY_MOVING, decide, request_for
@@ -19,6 +20,7 @@ from voucher_bridge.results import Decision, precheck, result, unanswered
 from voucher_bridge.upstream import (
     Answer,
     RetryPolicy,
+    UpstreamOpen,
     call_with_retries,
 )
 from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamReport
@@ -67,22 +69,30 @@ class PosCommandHandler:
             return answered
         terminal = command.subject
         route, body = request_for(terminal, data)
-        if before_send is not None and command.type in MONEY_MOVING:
-            await before_send(None)  # the scans after are the evidence; nothing to keep
+        if command.type in MONEY_MOVING:
+            try:
+                # Refused here, before the recovery point, a redeem leaves nothing to
+                # reconcile after a crash. The send path asks the breaker again (it may open
+                # in between): refused there, nothing was sent either, and it is `failed` too.
+                await self._client.ready()
+            except UpstreamOpen as refused:
+                decision = Decision(
+                    Outcome.FAILED, "upstream_unavailable", f"{refused}: nothing was sent"
+                )
+                return result(command, decision, _report(0, None, started))
+            if before_send is not None:
+                await before_send(None)  # the scans after are the evidence; nothing to keep
         sent_at = self._clock()
         tried = await call_with_retries(
             lambda: self._client.call(terminal, route, body),
             lambda answer: answer.status,
             moves_money=command.type in MONEY_MOVING,
             retry=self._retry,
+            ready=self._client.ready,
         )
         answer, may_have_reached = tried.outcome, tried.may_have_reached
-        report = UpstreamReport(
-            attempts=tried.attempts,
-            last_status=answer.status if answer else None,
-            elapsed_ms=int((time.monotonic() - started) * 1000),
-        )
-        decision = _decision(command.type, data, answer, may_have_reached)
+        report = _report(tried.attempts, answer, started)
+        decision = _decision(command.type, data, answer, may_have_reached, tried.refusal)
         if decision.outcome is Outcome.INDETERMINATE and isinstance(data, Redeem):
             decision = await self._reconcile_redeem(terminal, data, decision, sent_at)
             report = report.model_copy(
@@ -144,6 +154,7 @@ class PosCommandHandler:
             lambda answer: answer.status,
             moves_money=False,
             retry=self._retry,
+            ready=self._client.ready,
         )
         answer = removed.outcome
         return (
@@ -176,6 +187,7 @@ class PosCommandHandler:
                 lambda answer: answer.status,
                 moves_money=False,
                 retry=self._retry,
+                ready=self._client.ready,
             )
             answer = scanned.outcome
             if answer is None:
@@ -243,10 +255,26 @@ def _codes_used_later(codes: list[str], later: tuple[CommandEnvelope, ...] | Non
 
 
 def _decision(
-    command_type: str, data: PosCommandData, answer: Answer | None, may_have_reached: bool
+    command_type: str,
+    data: PosCommandData,
+    answer: Answer | None,
+    may_have_reached: bool,
+    refusal: str | None = None,
 ) -> Decision:
     if answer is None or (answer.status >= 500 and command_type not in MONEY_MOVING):
-        return unanswered(
+        decision = unanswered(
             moves_money=command_type in MONEY_MOVING, may_have_reached=may_have_reached
         )
+        if refusal is not None and decision.outcome is Outcome.FAILED:
+            # Ended by an open circuit: say so (and whether anything went out at all).
+            decision = replace(decision, message=refusal)
+        return decision
     return decide(command_type, data, answer)
+
+
+def _report(attempts: int, answer: Answer | None, started: float) -> UpstreamReport:
+    return UpstreamReport(
+        attempts=attempts,
+        last_status=answer.status if answer else None,
+        elapsed_ms=int((time.monotonic() - started) * 1000),
+    )
