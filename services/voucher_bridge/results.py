@@ -61,7 +61,8 @@ def precheck(
     record's key, its subject (a till, an account) one the service has credentials for.
     Returns the data, or the result that answers the command without a call."""
     try:
-        data = model.model_validate(command.data or {})
+        # Only a missing `data` means "no fields": a list, a string, 0 or false is not an object.
+        data = model.model_validate({} if command.data is None else command.data)
     except ValidationError as exc:
         return None, result(command, invalid(exc), UpstreamReport())
     if record_key is not None and record_key != command.subject:

@@ -1,25 +1,19 @@
-"""The HTTP server the service runs in (health, readiness, metrics), and how it ends.
+"""How the service's process ends.
 
 SIGTERM is how an orchestrator asks a pod to stop: the service drains (bounded by
-DRAIN_TIMEOUT_S), commits, and exits 0. uvicorn, after such a graceful shutdown, raises the
-signal again so that the process ends with the signal's status (143), which Kubernetes and
-compose report as an error; a drained stop is not one. And a stop that cannot finish (a broker
-that no longer answers the final commit, a hung close) must still end before the orchestrator's
+DRAIN_TIMEOUT_S), commits, and exits 0 (FastStream's run handles the signal; the HTTP server
+runs on a thread of its own, health.py, so no server of its own raises the signal again, as
+uvicorn's does, to end with the signal's status). A stop that cannot finish (a broker that no
+longer answers the final commit, a hung close) must still end before the orchestrator's
 SIGKILL, so a watchdog ends the process at `shutdown_bound_s`, saying so: what was not
 committed is read again by the partition's next owner and answered from the store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import threading
-from collections.abc import Generator
-from typing import Any
-
-import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +55,3 @@ class StopWatchdog:
         )
         logging.shutdown()
         os._exit(UNFINISHED_STOP_STATUS)
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but a SIGTERM or SIGINT that ended in a graceful stop exits 0."""
-
-    @classmethod
-    def for_app(cls, app: Any, host: str, port: int) -> DrainingServer:
-        return cls(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # As uvicorn's own, without raising the captured signal again afterwards.
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)

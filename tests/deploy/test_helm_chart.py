@@ -8,24 +8,18 @@ for the value sets that matter, parsed and checked object by object. No cluster 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-yaml = pytest.importorskip(
-    "yaml",
-    reason="PyYAML is not installed in the project's environment: the chart tests parse "
-    "helm's YAML output with it (add pyyaml to the dev dependencies)",
-)
+from tests.support.gotools import go_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "voucher-bridge"
-GOBIN = ROOT / "var" / "tools" / "go" / "bin"
 HELM_MODULE = "helm.sh/helm/v3/cmd/helm@v3.22.0"
 
 # Building helm takes about two minutes the first time, inside the first test's time.
@@ -56,28 +50,7 @@ POSTGRES_2 = {
 
 @pytest.fixture(scope="session")
 def helm() -> str:
-    for candidate in (shutil.which("helm"), GOBIN / "helm"):
-        if candidate and os.access(candidate, os.X_OK):
-            return str(candidate)
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip(
-            f"helm is neither on the PATH nor at {GOBIN / 'helm'}, and go is not installed to "
-            f"build it: go install {HELM_MODULE}"
-        )
-    GOBIN.mkdir(parents=True, exist_ok=True)
-    # -mod=mod: an inherited -mod=vendor (a vendored project's environment) breaks @version.
-    env = {**os.environ, "GOBIN": str(GOBIN), "GOFLAGS": "-mod=mod"}
-    built = subprocess.run(
-        [go, "install", HELM_MODULE],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=850,
-    )
-    assert built.returncode == 0, f"go install {HELM_MODULE} failed:\n{built.stderr}"
-    return str(GOBIN / "helm")
+    return go_tool("helm", HELM_MODULE)
 
 
 class Rendered:

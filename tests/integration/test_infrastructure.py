@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import Sandbox, Stack
@@ -23,7 +24,13 @@ from tests.support.workload import (
     service_env,
     wait_for_log,
 )
-from voucher_sandboxes.localstack import CommandProducer, Process, ResultReader, start_service
+from voucher_sandboxes.localstack import (
+    CommandProducer,
+    Process,
+    ResultReader,
+    free_port,
+    start_service,
+)
 
 TILLS = 10
 BILLS = 4
@@ -72,7 +79,16 @@ async def _finish(
     return outcomes
 
 
+async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    response = await asyncio.to_thread(
+        httpx.get, f"http://127.0.0.1:{port}/health/{path}", timeout=6
+    )
+    return response.status_code, response.json()
+
+
 async def test_a_broker_restart_mid_run(sandbox: Sandbox, tmp_path: Path) -> None:
+    """...and the probes through it: liveness true all along (a restart would not help),
+    readiness false saying the broker is away, then ready again without a restart."""
     broker = PrivateBroker(tmp_path / "kafka")
     await asyncio.to_thread(broker.up)
     service: Process | None = None
@@ -81,14 +97,28 @@ async def test_a_broker_restart_mid_run(sandbox: Sandbox, tmp_path: Path) -> Non
         await _topics(s)
         tills, vouchers = _tills(s)
         double_before = _double_redemptions(sandbox)
-        service = start_service(service_env(s), tmp_path / "service.log")
+        port = free_port()
+        service = start_service(service_env(s), tmp_path / "service.log", http_port=port)
         workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.4)
         run = asyncio.create_task(workload.run(BILLS))
         await asyncio.sleep(4)  # commands flowing
+        assert (await _probe(port, "ready"))[0] == 200
         await asyncio.to_thread(broker.down)
-        await asyncio.sleep(10)
+        lives, readies = [], []
+        for _ in range(8):
+            await asyncio.sleep(1.2)
+            lives.append(await _probe(port, "live"))
+            readies.append(await _probe(port, "ready"))
         await asyncio.to_thread(broker.up)
+        assert all(status == 200 and body["live"] for status, body in lives), lives
+        status, report = readies[-1]
+        assert status == 503 and not report["ready"] and not report["broker"], report
+        assert not report["producer"] and "producer" in report["why"], report
         await asyncio.wait_for(run, 180)
+        deadline = time.monotonic() + 60
+        while (await _probe(port, "ready"))[0] != 200:
+            assert time.monotonic() < deadline, "not ready again after the broker came back"
+            await asyncio.sleep(0.5)
         await _finish(s, workload, service, double_before, "broker restart")
     finally:
         if service is not None:

@@ -72,3 +72,18 @@ def test_the_store_url_is_a_secret() -> None:
     settings = Settings(idempotency_store_url=url)  # type: ignore[arg-type]
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
     assert settings.idempotency_store_url.get_secret_value() == url
+
+
+def test_a_mounted_secret_file_wins_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image's default IDEMPOTENCY_STORE_URL (SQLite in its volume) must not hide the
+    PostgreSQL URL the platform mounted: each instance would keep a store of its own."""
+    url = f"postgresql://bridge:{PASSWORD}@db/bridge"
+    (tmp_path / "idempotency_store_url").write_text(url)
+    monkeypatch.setenv("VOUCHER_BRIDGE_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("IDEMPOTENCY_STORE_URL", "sqlite:////var/lib/voucher-bridge/x.sqlite3")
+    monkeypatch.setenv("KAFKA_GROUP_ID", "from-the-environment")
+    settings = load_settings()
+    assert settings.idempotency_store_url.get_secret_value() == url
+    assert settings.kafka_group_id == "from-the-environment"  # no file: the environment's

@@ -553,37 +553,3 @@ def write_schema_files(directory: Path) -> list[Path]:
         path.write_text(dumps(schema))
         written.append(path)
     return written
-
-
-# -- the previous document's ------------------------------------------------------------------
-
-
-def command_schema(title: str, data_models: Mapping[str, type[BaseModel]]) -> Schema:
-    """The previous AsyncAPI document's one command schema per topic. Deprecated: the
-    committed app.py still calls it until its asyncapi_document, which builds the document
-    with `asyncapi.asyncapi_document`, is committed; remove it then."""
-    from voucher_contracts.envelope import CommandEnvelope
-
-    envelope = CommandEnvelope.model_json_schema()
-    properties = {
-        k: v for k, v in envelope["properties"].items() if k not in ("data", "extensions")
-    }
-    properties["type"] = {"type": "string", "enum": sorted(data_models)}
-    properties["data"] = {"description": "the command's fields; see the variants by type"}
-    variants = []
-    for type_, model in sorted(data_models.items()):
-        data = model.model_json_schema()
-        data.setdefault("title", model.__name__)
-        variants.append(
-            {
-                "if": {"properties": {"type": {"const": type_}}},
-                "then": {"properties": {"data": data}},
-            }
-        )
-    return {
-        "title": title,
-        "type": "object",
-        "required": ["specversion", "id", "source", "type", "subject"],
-        "properties": properties,
-        "allOf": variants,
-    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ async def play(*, timeout_s: float = 60.0) -> int:
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "KAFKA_GROUP_ID": settings.kafka_group_id,
     }
-    service = start_service(env, run_dir / "service.log")
+    http_port = free_port()
+    service = start_service(env, run_dir / "service.log", http_port=http_port)
     bootstrap = settings.kafka_bootstrap_servers
     try:
         started = time.monotonic()
@@ -98,6 +100,7 @@ async def play(*, timeout_s: float = 60.0) -> int:
             f"\n{len(sent) + len(coupon_sent)} commands answered in {elapsed:.1f}s; every "
             f"result carries its command's trace: {'yes' if ok else 'NO'}"
         )
+        _print_metrics(http_port)
         print(f"logs: {_rel(run_dir)}/service.log, sandbox.log, epin-sandbox.log")
         return 0 if ok else 1
     finally:
@@ -214,6 +217,41 @@ def _shown(data: dict[str, Any] | None) -> str:
     }
     text = json.dumps(hidden, separators=(",", ":"), ensure_ascii=False)
     return text if len(text) <= 60 else text[:59] + "…"
+
+
+# What an SRE looks at first, of everything /metrics serves.
+_SHOWN_METRICS = (
+    "voucher_bridge_commands_total",
+    "voucher_bridge_consumer_lag",
+    "voucher_bridge_records_oldest_unfinished_age_seconds",
+    "voucher_bridge_in_flight",
+    "voucher_bridge_partitions_assigned",
+    "voucher_bridge_upstream_breaker_state",
+    "voucher_bridge_results_unsettled",
+    "voucher_bridge_dead_letters_total",
+    "messaging_process_duration_seconds_count",
+)
+
+
+def _print_metrics(port: int) -> None:
+    """An excerpt of the service's /metrics, without OpenTelemetry's scope labels."""
+    import httpx
+
+    time.sleep(2.5)  # the progress gauges are renewed every 2 s
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError as exc:
+        print(f"\n/metrics did not answer ({type(exc).__name__})")
+        return
+    scope = re.compile(r'otel_scope_[a-z_]+="[^"]*",?')
+    lines = [
+        scope.sub("", line).replace(",}", "}").replace("{}", "")
+        for line in text.splitlines()
+        if line.startswith(_SHOWN_METRICS)
+    ]
+    print(f"\n/metrics (an excerpt; curl http://127.0.0.1:{port}/metrics while it runs)\n")
+    for line in lines:
+        print("  " + line)
 
 
 def _rel(path: Path) -> str:

@@ -80,6 +80,10 @@ class CommandPipeline:
         self._max_record_bytes = max_record_bytes
         self._max_result_bytes = max_result_bytes
 
+    def command_of(self, record: Record) -> CommandEnvelope | None:
+        """The command a record holds, if it holds one (for logs about the record)."""
+        return self._decode(record)[0]
+
     def _decode(self, record: Record) -> tuple[CommandEnvelope | None, UnusableRecord | None]:
         try:
             command = decode_command(record.headers, record.value, max_bytes=self._max_record_bytes)

@@ -1,0 +1,113 @@
+"""What an SRE sees of a running service (issue 13): lag and the oldest unfinished record move
+when the upstream slows down and come back when it recovers, a record past STUCK_AFTER_S is
+logged with its command, and every series the alert rules and the dashboard use is served."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.deploy.test_monitoring import SERVED
+from tests.support.workload import service_env, wait_for_log
+from voucher_sandboxes.localstack import CommandProducer, ResultReader, free_port, start_service
+
+pytestmark = pytest.mark.kafka
+
+
+async def _metrics(port: int) -> str:
+    response = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics", timeout=5)
+    return response.text
+
+
+def _value(text: str, name: str, topic: str) -> float:
+    pattern = rf'^{name}\{{[^}}]*messaging_destination_name="{re.escape(topic)}"[^}}]*\}} (\S+)$'
+    values = [float(v) for v in re.findall(pattern, text, re.MULTILINE)]
+    return max(values) if values else 0.0
+
+
+async def _until(condition: Any, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.5)
+
+
+async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
+    stack: Any, tmp_path: Path
+) -> None:
+    s: Stack = await stack(partitions=1)
+    till = s.terminal()
+    port = free_port()
+    env = service_env(s, STUCK_AFTER_S="2", EVOUCHER_READ_TIMEOUT_S="10", LOG_LEVEL="INFO")
+    service = start_service(env, tmp_path / "service.log", http_port=port)
+    try:
+        await _until(lambda: _ready(port), 30, "the service did not become ready")
+        s.sandbox.faults(latency_ms=2500, routes=["bill_total_api"])
+        async with (
+            CommandProducer(s.bootstrap, s.commands) as producer,
+            ResultReader(s.bootstrap, s.results) as reader,
+        ):
+            # One till's commands run one after another: the lag builds behind the slow one.
+            sent = [
+                await producer.send("pos.bill_total", till, {"bill_total": f"{n}.00"})
+                for n in range(6)
+            ]
+            await producer.send_raw(till.encode(), b"not json", [])  # a dead letter too
+
+            async def behind() -> bool:
+                text = await _metrics(port)
+                return (
+                    _value(text, "voucher_bridge_consumer_lag", s.commands) >= 4
+                    and _value(
+                        text, "voucher_bridge_records_oldest_unfinished_age_seconds", s.commands
+                    )
+                    >= 1.5
+                )
+
+            await _until(behind, 20, "lag and the oldest unfinished age did not rise")
+            await wait_for_log(service, "has run for", within_s=20)
+            log = (tmp_path / "service.log").read_text()
+            assert f"pos.bill_total {sent[0].id} of {till}" in log or any(
+                f"pos.bill_total {c.id} of {till}" in log for c in sent
+            ), "the stuck line does not name the command"
+            s.sandbox.faults(latency_ms=0)
+            await reader.wait_for({c.id for c in sent}, 60)
+
+            async def caught_up() -> bool:
+                text = await _metrics(port)
+                return (
+                    _value(text, "voucher_bridge_consumer_lag", s.commands) == 0
+                    and _value(
+                        text, "voucher_bridge_records_oldest_unfinished_age_seconds", s.commands
+                    )
+                    == 0
+                )
+
+            await _until(caught_up, 20, "lag and age did not come back to 0")
+        text = await _metrics(port)
+        served = {
+            line.split("{")[0].split(" ")[0]
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert served >= SERVED, SERVED - served
+        assert "voucher_bridge_records_stuck_total{" in text
+    finally:
+        assert service.stop() == 0
+
+
+async def _ready(port: int) -> bool:
+    try:
+        response = await asyncio.to_thread(
+            httpx.get, f"http://127.0.0.1:{port}/health/ready", timeout=6
+        )
+    except httpx.TransportError:
+        return False
+    return response.status_code == 200
