@@ -399,10 +399,14 @@ class Service:
     async def on_startup(self) -> None:
         self._loop_watching = asyncio.create_task(self.loop_watch.run(), name="loop-watch")
         dispatcher, once = self.dispatcher, self.once
-        metrics.observe_in_flight(lambda: dispatcher.in_flight)
-        metrics.observe_progress(lambda: dispatcher.snapshot)
-        metrics.observe_assigned(lambda: dispatcher.assigned_count)
-        metrics.observe_unsettled(lambda: once.unsettled)
+        metrics.observe(
+            metrics.Readings(
+                in_flight=lambda: dispatcher.in_flight,
+                assigned=lambda: dispatcher.assigned_count,
+                progress=lambda: dispatcher.snapshot,
+                unsettled=lambda: once.unsettled,
+            )
+        )
         metrics.start_at_zero()
         # Where the cluster takes this client, everything starts here, as a refused start
         # ends the process. Where it does not (a wrong password, an untrusted certificate),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import metrics
@@ -162,19 +163,30 @@ def start_at_zero() -> None:
         counter.add(0)
 
 
-# Where the partitions stand: the dispatcher's last snapshot (see `observe_progress`).
-_progress: Callable[[], Sequence[Any]] = list
+@dataclass(frozen=True)
+class Readings:
+    """Where the gauges below read the running service's state. Each is read on the scrape's
+    or the exporter's thread, so each returns a plain value or a snapshot, never a live
+    structure of the service's loop."""
+
+    in_flight: Callable[[], int] = lambda: 0  # commands being processed
+    assigned: Callable[[], int] = lambda: 0  # partitions the group gave this instance
+    progress: Callable[[], Sequence[Any]] = list  # the dispatcher's `PartitionProgress` items
+    unsettled: Callable[[], Any] = lambda: None  # the last `UnsettledSummary` counted
 
 
-def observe_progress(snapshot: Callable[[], Sequence[Any]]) -> None:
-    """Read partition progress (`PartitionProgress` items) from `snapshot` from now on."""
-    global _progress
-    _progress = snapshot
+_readings = Readings()
+
+
+def observe(readings: Readings) -> None:
+    """Read the service's state from `readings` from now on."""
+    global _readings
+    _readings = readings
 
 
 def _per_partition(value: Callable[[Any], float | int | None]) -> Callable[..., Iterable[Any]]:
     def observe(options: CallbackOptions) -> Iterable[Observation]:
-        for p in _progress():
+        for p in _readings.progress():
             if (v := value(p)) is not None:
                 yield Observation(
                     v,
@@ -219,56 +231,29 @@ _meter.create_observable_gauge(
     description="Per partition: keys with work waiting or running.",
 )
 
-# Commands being processed now (see `observe_in_flight`).
-_in_flight: Callable[[], int] = lambda: 0  # noqa: E731
-
-
-def observe_in_flight(count: Callable[[], int]) -> None:
-    global _in_flight
-    _in_flight = count
-
-
 _meter.create_observable_gauge(
     "voucher_bridge.in_flight",
-    [lambda options: [Observation(_in_flight())]],
+    [lambda options: [Observation(_readings.in_flight())]],
     unit="{command}",
     description="Commands being processed now.",
 )
 
-# How many partitions the group gave this instance (see `observe_assigned`).
-_assigned: Callable[[], int] = lambda: 0  # noqa: E731
-
-
-def observe_assigned(count: Callable[[], int]) -> None:
-    global _assigned
-    _assigned = count
-
-
 _meter.create_observable_gauge(
     "voucher_bridge.partitions.assigned",
-    [lambda options: [Observation(_assigned())]],
+    [lambda options: [Observation(_readings.assigned())]],
     unit="{partition}",
     description="Partitions of the command topics the group gave this instance.",
 )
 
-# The store's indeterminate results, as `ExactlyOnce` last counted them (see `observe_unsettled`).
-_unsettled: Callable[[], Any] = lambda: None  # noqa: E731
-
-
-def observe_unsettled(summary: Callable[[], Any]) -> None:
-    """Read the last `UnsettledSummary` from `summary` from now on."""
-    global _unsettled
-    _unsettled = summary
-
 
 def _unsettled_counts(options: CallbackOptions) -> Iterable[Observation]:
-    if (summary := _unsettled()) is not None:
+    if (summary := _readings.unsettled()) is not None:
         yield Observation(summary.settling, {"state": "settling"})
         yield Observation(summary.left_to_operator, {"state": "left_to_operator"})
 
 
 def _unsettled_oldest(options: CallbackOptions) -> Iterable[Observation]:
-    summary = _unsettled()
+    summary = _readings.unsettled()
     if summary is not None:
         created = summary.oldest_settling_created_at
         yield Observation(0.0 if created is None else max(0.0, time.time() - created))
