@@ -428,7 +428,9 @@ start_broker() {
 wait_ready() {
   local pid="$1" log_offset="${2:-0}" deadline=$((SECONDS + KAFKA_START_TIMEOUT))
   while :; do
-    if ! is_broker_pid "$pid"; then
+    # Checked twice, a second apart: once, on a fresh machine's first start, the check failed
+    # while the broker went on to serve (the cause was not found; a second look costs nothing).
+    if ! is_broker_pid "$pid" && ! { sleep 1 && is_broker_pid "$pid"; }; then
       rm -f "$PID_FILE"
       show_logs
       die "the broker process (pid $pid) exited during startup"
