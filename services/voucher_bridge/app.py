@@ -280,6 +280,7 @@ class Service:
             stuck_after_s=settings.stuck_after_s,
             describe=self._describe,
             on_rebalance=self._on_rebalance,
+            find_consumer=lambda: getattr(self.subscriber, "consumer", None),
         )
         self._group_watch: asyncio.Task[None] | None = None
         # Ticks on the service's loop, so that the probes (on a thread of their own) can tell

@@ -156,10 +156,60 @@ records_stuck = _meter.create_counter(
 )
 
 
+# -- calls out: upstream APIs and the store ---------------------------------------------------
+
+http_client_duration = _meter.create_histogram(
+    "http.client.request.duration",
+    unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
+    description="Each HTTP request to an upstream API, from sent to answer read (semantic "
+    "conventions' name), by upstream, method, route (`url.template`), status and error type.",
+)
+upstream_retries = _meter.create_counter(
+    "voucher_bridge.upstream.retries",
+    unit="{attempt}",
+    description="Upstream calls sent again (after no connection, a 429, or, for a call that "
+    "moves no money, a timeout or a 5xx), by upstream and what the last attempt came to.",
+)
+store_duration = _meter.create_histogram(
+    "db.client.operation.duration",
+    unit="s",
+    explicit_bucket_boundaries_advisory=SECONDS,
+    description="Each attempt of an idempotency-store operation on a command's way (semantic "
+    "conventions' name), by store (`db.system.name`), operation and error type.",
+)
+
+
+def http_request_done(
+    upstream: str,
+    method: str,
+    route: str,
+    seconds: float,
+    *,
+    status: int | None = None,
+    error: str | None = None,
+) -> None:
+    """Record one HTTP request to an upstream: its answer's status, or the transport error
+    that ended it (`error.type` as the semantic conventions have it: the exception's name,
+    or the status for a 5xx)."""
+    attributes: dict[str, str | int] = {
+        "voucher_bridge.upstream": upstream,
+        "http.request.method": method,
+        "url.template": route,
+    }
+    if status is not None:
+        attributes["http.response.status_code"] = status
+        if status >= 500:
+            attributes["error.type"] = str(status)
+    if error is not None:
+        attributes["error.type"] = error
+    http_client_duration.record(seconds, attributes)
+
+
 def start_at_zero() -> None:
     """Serve the counters alerts divide by from the start, at 0, not from their first event
     (a rate over a series that appears only with its first failure misses that failure)."""
-    for counter in (dead_letters, commit_failures, records_stuck, commits):
+    for counter in (dead_letters, commit_failures, records_stuck, commits, upstream_retries):
         counter.add(0)
 
 

@@ -420,7 +420,9 @@ class ExactlyOnce:
         if self._expired(command, origin):
             try:
                 known = await self._store_op(
-                    lambda: self.store.known(key), loop.time() + self._timing.command_timeout_s
+                    "known",
+                    lambda: self.store.known(key),
+                    loop.time() + self._timing.command_timeout_s,
                 )
             except StoreUnavailable:
                 known = False
@@ -436,6 +438,7 @@ class ExactlyOnce:
         while True:
             try:
                 claim = await self._store_op(
+                    "claim",
                     functools.partial(self._claim, new, take_over),
                     loop.time() + self._timing.command_timeout_s,
                 )
@@ -513,7 +516,9 @@ class ExactlyOnce:
         async def before_send(before: str | None) -> None:
             # Within the command's time as it stands (moved on by any wait for a circuit).
             await self._store_op(
-                lambda: self.store.mark_sent(key, token, self._clock(), before), bound.deadline
+                "mark_sent",
+                lambda: self.store.mark_sent(key, token, self._clock(), before),
+                bound.deadline,
             )
 
         resuming_sent = claim.kind is ClaimKind.RESUME and claim.previous is State.SENT
@@ -530,6 +535,7 @@ class ExactlyOnce:
                 # A few tries even when the handler used up the command's time.
                 until = max(bound.deadline, loop.time() + 3 * self._timing.store_timeout_s)
                 await self._store_op(
+                    "complete",
                     lambda: self.store.complete(key, token, stored, unsettled, self._clock()),
                     until,
                 )
@@ -632,20 +638,30 @@ class ExactlyOnce:
         data = result(command, Decision(outcome, "internal_error", why), UpstreamReport())
         return Answered(data, unrecorded_result_id(command.source, command.id))
 
-    async def _store_op(self, operation: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """One store operation, each attempt bounded, tried again until `deadline`. Claims,
-        marks and completions are safe to repeat: a repeated claim finds its own earlier one
-        (this instance's, nothing running it) and resumes it; the others are keyed by token."""
+    async def _store_op(
+        self, name: str, operation: Callable[[], Awaitable[T]], deadline: float
+    ) -> T:
+        """One store operation (`name`, as metrics have it), each attempt bounded and timed,
+        tried again until `deadline`. Claims, marks and completions are safe to repeat: a
+        repeated claim finds its own earlier one (this instance's, nothing running it) and
+        resumes it; the others are keyed by token."""
         loop = asyncio.get_running_loop()
         delay = 0.05
+        attributes = {"db.system.name": self.store.system, "db.operation.name": name}
         while True:
             attempt_s = max(0.01, min(self._timing.store_timeout_s, deadline - loop.time()))
+            started = loop.time()
             try:
                 async with asyncio.timeout(attempt_s):
-                    return await operation()
+                    answer = await operation()
+                metrics.store_duration.record(loop.time() - started, attributes)
+                return answer
             except LostClaim:
+                metrics.store_duration.record(loop.time() - started, attributes)
                 raise
             except Exception as exc:
+                error = {"error.type": type(exc).__qualname__}
+                metrics.store_duration.record(loop.time() - started, attributes | error)
                 metrics.store_errors.add(1, {"error": type(exc).__name__})
                 if loop.time() + delay >= deadline:
                     raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -660,7 +676,7 @@ class ExactlyOnce:
             loop = asyncio.get_running_loop()
             try:
                 released = await self._store_op(
-                    lambda: self.store.release(key, token), loop.time() + 30
+                    "release", lambda: self.store.release(key, token), loop.time() + 30
                 )
             except StoreUnavailable:
                 return  # the sweep frees it once the store answers

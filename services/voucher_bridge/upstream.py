@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Generic, TypeVar
 
+from voucher_bridge import metrics
 from voucher_contracts.binding import decode_json
 
 T = TypeVar("T")
@@ -84,6 +85,7 @@ async def call_with_retries(
     *,
     moves_money: bool,
     retry: RetryPolicy,
+    upstream: str,
     ready: Callable[[], Awaitable[None]] | None = None,
 ) -> Attempts[T]:
     """Send, and again while it is safe and useful: after no connection, a 429 (turned away,
@@ -102,11 +104,13 @@ async def call_with_retries(
             return Attempts(None, attempts - 1, may_have_reached, refused)
         except CallNotSent:
             outcome, retryable = None, True  # an earlier attempt's answer is not the last word
+            last = "not_sent"
         except CallOutcomeUnknown:
             outcome, may_have_reached = None, True
-            retryable = not moves_money
+            retryable, last = not moves_money, "no_answer"
         else:
             code = status(outcome)
+            last = str(code)
             retryable = code == 429 or (code >= 500 and not moves_money)
             if not retryable:
                 return Attempts(outcome, attempts, may_have_reached)
@@ -118,6 +122,7 @@ async def call_with_retries(
             except UpstreamOpen as refused:
                 return Attempts(None, attempts, may_have_reached, refused)
         await asyncio.sleep(retry.delay(attempts))
+        metrics.upstream_retries.add(1, {"voucher_bridge.upstream": upstream, "after": last})
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:

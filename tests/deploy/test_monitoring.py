@@ -41,9 +41,18 @@ SERVED = {
     "voucher_bridge_commit_failures_total",
     "voucher_bridge_records_stuck_total",
     "messaging_process_duration_seconds_bucket",
+    "messaging_client_consumed_messages_total",
+    "http_client_request_duration_seconds_bucket",
+    "http_client_request_duration_seconds_count",
+    "db_client_operation_duration_seconds_bucket",
+    "voucher_bridge_upstream_retries_total",
 }
-_NAME = re.compile(r"\b((?:voucher_bridge|messaging)_[a-z_]+)\b")
-LABELS = {"messaging_destination_name", "messaging_destination_partition_id"}
+_NAME = re.compile(r"\b((?:voucher_bridge|messaging|http_client|db_client)_[a-z_]+)\b")
+LABELS = {
+    "messaging_destination_name",
+    "messaging_destination_partition_id",
+    "voucher_bridge_upstream",
+}
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ async def _until(condition: Any, within_s: float, what: str) -> None:
 async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
     stack: Any, tmp_path: Path
 ) -> None:
-    s: Stack = await stack(partitions=1)
+    s: Stack = await stack(partitions=2)
     till = s.terminal()
     port = free_port()
     env = service_env(s, STUCK_AFTER_S="2", EVOUCHER_READ_TIMEOUT_S="10", LOG_LEVEL="INFO")
@@ -91,7 +91,48 @@ async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
                 )
 
             await _until(caught_up, 20, "lag and age did not come back to 0")
+
+            # A bill total (no money moves) answered 5xx is sent again: counted as retries,
+            # and each request's duration by upstream, route and status.
+            s.sandbox.faults(error_rate=1.0, routes=["bill_total_api"])
+            failing = await producer.send("pos.bill_total", till, {"bill_total": "1.00"})
+            await reader.wait_for({failing.id}, 60)
+            s.sandbox.faults(error_rate=0.0)
         text = await _metrics(port)
+        retries = re.findall(
+            r'^voucher_bridge_upstream_retries_total\{[^}]*after="(5\d\d)"[^}]*'
+            r'voucher_bridge_upstream="evoucher"[^}]*\} (\S+)$',
+            text,
+            re.MULTILINE,
+        )
+        assert retries and float(retries[0][1]) >= 1, "no retry counted"
+        requests = {
+            (m["route"], m["status"]): float(m["count"])
+            for m in re.finditer(
+                r'^http_client_request_duration_seconds_count\{(?=[^}]*http_request_method="POST")'
+                r'(?=[^}]*http_response_status_code="(?P<status>\d+)")'
+                r'(?=[^}]*url_template="(?P<route>[^"]+)")'
+                r'(?=[^}]*voucher_bridge_upstream="evoucher")[^}]*\} (?P<count>\S+)$',
+                text,
+                re.MULTILINE,
+            )
+        }
+        route = "index.php?route=account/bill_total_api"
+        assert requests.get((route, "200"), 0) >= 6, requests
+        assert any(r == route and st.startswith("5") for r, st in requests), requests
+        assert re.search(
+            r'^db_client_operation_duration_seconds_count\{(?=[^}]*db_operation_name="claim")'
+            r'(?=[^}]*db_system_name="sqlite")[^}]*\} [1-9]',
+            text,
+            re.MULTILINE,
+        ), "no store operation timed"
+        # Both partitions have a lag series, the one no record of this till went to as well.
+        lags = re.findall(
+            rf'^voucher_bridge_consumer_lag\{{[^}}]*messaging_destination_name="{s.commands}"',
+            text,
+            re.MULTILINE,
+        )
+        assert len(lags) == 2, lags
         served = {
             line.split("{")[0].split(" ")[0]
             for line in text.splitlines()

@@ -58,6 +58,7 @@ class FakeConsumer:
         self.commits: list[dict[TopicPartition, int]] = []
         self.fail_commits = 0
         self.check: Callable[[dict[TopicPartition, int]], None] | None = None
+        self.ends: dict[TopicPartition, int] = {}  # the broker's end offsets, per partition
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
@@ -85,6 +86,16 @@ class FakeConsumer:
         for commit in self.commits:
             found = commit.get(tp, found)
         return found
+
+    # What the watcher asks of partitions nothing was read from (their lag).
+    async def position(self, tp: TopicPartition) -> int:
+        return self.committed(tp) or 0
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.ends.get(tp, 0) for tp in tps}
 
     def all_committed(self, tp: TopicPartition) -> list[int]:
         return [commit[tp] for commit in self.commits if tp in commit]
@@ -770,6 +781,31 @@ class WatermarkConsumer(FakeConsumer):
 
     def highwater(self, tp: TopicPartition) -> int:
         return self._highwater
+
+
+async def test_progress_measures_the_lag_of_partitions_nothing_was_read_from(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    # An idle partition, or one paused since its assignment, still has a lag: an SRE's alert
+    # on lag must not miss the partition this instance never got to.
+    consumer = FakeConsumer(TP0, TP1)
+    consumer.commits.append({TP0: 3})
+    consumer.ends = {TP0: 10, TP1: 4}
+    dispatcher, _ = setup(stuck_after_s=1.0, find_consumer=lambda: consumer.as_consumer)
+    await dispatcher.listener.on_partitions_assigned([TP0, TP1])
+    await wait_until(
+        lambda: [p.lag for p in dispatcher.snapshot] not in ([], [None, None]), within=5
+    )
+    found = {p.partition: (p.committed, p.lag, p.in_flight) for p in dispatcher.progress()}
+    assert found == {0: (3, 7, 0), 1: (0, 4, 0)}
+
+    # Once a record of TP1 is read, its lag is the reading's own (highwater unknown: none).
+    consumer.ends[TP0] = 12
+    await dispatcher.submit(rec(4, "a", partition=1), consumer.as_consumer)
+    await wait_until(
+        lambda: next(p.lag for p in dispatcher.snapshot if p.partition == 0) == 9, within=5
+    )
+    assert [p.partition for p in dispatcher.progress()] == [0, 1]
 
 
 async def test_progress_names_the_oldest_unfinished_record_lag_and_busiest_lanes(

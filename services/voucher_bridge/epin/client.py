@@ -23,9 +23,13 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
+from voucher_bridge import metrics
 from voucher_bridge.breaker import UpstreamGuard
 from voucher_bridge.epin.decisions import facility_disabled
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
+
+# This upstream's name in metrics and settings (as breaker.py has it).
+UPSTREAM = "epin"
 
 
 class Unauthorized(Exception):
@@ -204,15 +208,20 @@ class EpinClient:
 
         async def request() -> Answer:
             started = time.monotonic()
+            # The path without a page's query (`next`): one route per endpoint.
+            route = path.split("?", 1)[0]
             try:
                 async with self._slots:
                     response = await self._http.request(
                         method, path, params=params, files=files, headers=headers
                     )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                _measure(method, route, started, error=type(exc).__qualname__)
                 raise CallNotSent(f"{path}: {type(exc).__name__}") from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
+                _measure(method, route, started, error=type(exc).__qualname__)
                 raise CallOutcomeUnknown(f"{path}: {type(exc).__name__}") from None
+            _measure(method, route, started, status=response.status_code)
             elapsed_ms = int((time.monotonic() - started) * 1000)
             return Answer(response.status_code, json_object(response.content), elapsed_ms)
 
@@ -278,6 +287,14 @@ class EpinClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _measure(
+    method: str, route: str, started: float, *, status: int | None = None, error: str | None = None
+) -> None:
+    metrics.http_request_done(
+        UPSTREAM, method, route, time.monotonic() - started, status=status, error=error
+    )
 
 
 def _status(answer: Answer) -> int:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
 from typing import Any, cast
 
-from voucher_bridge.epin.client import EpinClient, Unauthorized
+from voucher_bridge.epin.client import UPSTREAM, EpinClient, Unauthorized
 from voucher_bridge.epin.decisions import (
     MONEY_MOVING,
     PAGINATED,
@@ -124,6 +124,7 @@ class CouponCommandHandler:
                 lambda sent: sent[0].status,
                 moves_money=moves_money,
                 retry=self._retry,
+                upstream=UPSTREAM,
                 ready=self._client.ready,
             )
         except Unauthorized as exc:

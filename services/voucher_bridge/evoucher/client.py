@@ -33,10 +33,13 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import SecretStr
 
-from voucher_bridge import __version__
+from voucher_bridge import __version__, metrics
 from voucher_bridge.breaker import UpstreamGuard
 from voucher_bridge.http_transport import AsyncioHTTPTransport
 from voucher_bridge.upstream import Answer, CallNotSent, CallOutcomeUnknown, json_object
+
+# This upstream's name in metrics and settings (as breaker.py has it).
+UPSTREAM = "evoucher"
 
 
 class Route(StrEnum):
@@ -162,13 +165,16 @@ class EvoucherClient:
                     finally:
                         await response.aclose()
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                self._measure(route, started, error=type(exc).__qualname__)
                 span.set_attribute("error.type", type(exc).__qualname__)
                 raise CallNotSent(f"{route}: {type(exc).__name__}") from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 # Read/write timeouts, dropped connections, an answer that cannot be read: the
                 # upstream may have acted.
+                self._measure(route, started, error=type(exc).__qualname__)
                 span.set_attribute("error.type", type(exc).__qualname__)
                 raise CallOutcomeUnknown(f"{route}: {type(exc).__name__}") from None
+            self._measure(route, started, status=response.status_code)
             span.set_attribute("http.response.status_code", response.status_code)
             if response.status_code >= 500:
                 span.set_attribute("error.type", str(response.status_code))
@@ -178,6 +184,19 @@ class EvoucherClient:
         if fresh and any(cookies.get(k) != v for k, v in fresh.items()):
             await self._sessions.save(terminal, {**cookies, **fresh})
         return Answer(response.status_code, json_object(response.content), elapsed_ms)
+
+    @staticmethod
+    def _measure(
+        route: Route, started: float, *, status: int | None = None, error: str | None = None
+    ) -> None:
+        metrics.http_request_done(
+            UPSTREAM,
+            "POST",
+            f"index.php?route=account/{route}",
+            time.monotonic() - started,
+            status=status,
+            error=error,
+        )
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from voucher_bridge.evoucher.client import EvoucherClient, Route
+from voucher_bridge.evoucher.client import UPSTREAM, EvoucherClient, Route
 from voucher_bridge.evoucher.decisions import MONEY_MOVING, decide, request_for
 from voucher_bridge.once import BeforeSend, SentCall
 from voucher_bridge.results import Decision, precheck, result, unanswered
@@ -88,6 +88,7 @@ class PosCommandHandler:
             lambda answer: answer.status,
             moves_money=command.type in MONEY_MOVING,
             retry=self._retry,
+            upstream=UPSTREAM,
             ready=self._client.ready,
         )
         answer, may_have_reached = tried.outcome, tried.may_have_reached
@@ -154,6 +155,7 @@ class PosCommandHandler:
             lambda answer: answer.status,
             moves_money=False,
             retry=self._retry,
+            upstream=UPSTREAM,
             ready=self._client.ready,
         )
         answer = removed.outcome
@@ -187,6 +189,7 @@ class PosCommandHandler:
                 lambda answer: answer.status,
                 moves_money=False,
                 retry=self._retry,
+                upstream=UPSTREAM,
                 ready=self._client.ready,
             )
             answer = scanned.outcome

@@ -113,6 +113,7 @@ class KeyOrderedDispatcher:
         stuck_after_s: float = 60.0,
         describe: Callable[[Record], str] | None = None,
         on_rebalance: Callable[[], None] | None = None,
+        find_consumer: Callable[[], AIOKafkaConsumer | None] | None = None,
     ) -> None:
         self._process = process
         self._max_in_flight = max_in_flight
@@ -123,6 +124,12 @@ class KeyOrderedDispatcher:
         # What a stuck record is (its command id), for the log line; only asked when stuck.
         self._describe = describe
         self._watcher: asyncio.Task[None] | None = None
+        # The consumer before any record came from it (the one `submit` gets wins): the
+        # watcher measures the lag of partitions nothing was read from yet through it.
+        self._find_consumer = find_consumer
+        # Per partition held but not read from yet: where this instance will read from (the
+        # committed offset) and the lag from there, as the watcher last measured them.
+        self._unread: dict[TopicPartition, tuple[int, int | None]] = {}
         # The last `progress()`, renewed by the watcher: what metric callbacks (which run on
         # other threads, the scrape's or the exporter's) read, never the live structures.
         self.snapshot: list[PartitionProgress] = []
@@ -160,9 +167,7 @@ class KeyOrderedDispatcher:
                 self._turned_away[tp] = record.offset
                 consumer.pause(tp)
             return
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_loop(), name="offset-committer")
-            self._watcher = asyncio.create_task(self._watch(), name="progress-watcher")
+        self._start_background()
         tp = TopicPartition(record.topic, record.partition)
         partition = self._partitions.get(tp)
         if partition is None:
@@ -184,6 +189,11 @@ class KeyOrderedDispatcher:
             self._paused = True
             consumer.pause(*consumer.assignment())
         self._enqueue(partition, record.key, record)
+
+    def _start_background(self) -> None:
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_loop(), name="offset-committer")
+            self._watcher = asyncio.create_task(self._watch(), name="progress-watcher")
 
     def submit_job(
         self, topic: str, partition: int, key: bytes | None, job: Callable[[], Awaitable[None]]
@@ -278,20 +288,68 @@ class KeyOrderedDispatcher:
                 ),
                 key=lambda lane: (-lane.depth, -(lane.running_s or 0.0)),
             )
+            if start is None:  # nothing read from it yet: as the watcher measured it
+                committed, lag = self._unread.get(tp, (None, None))
+            else:
+                committed = partition.offsets.committed
+                lag = None if highwater is None else max(0, highwater - start)
             found.append(
                 PartitionProgress(
                     tp.topic,
                     tp.partition,
                     partition.offsets.in_flight,
-                    None if highwater is None or start is None else max(0, highwater - start),
-                    partition.offsets.committed,
+                    lag,
+                    committed,
                     oldest[0] if oldest else None,
                     now - oldest[1] if oldest else None,
                     len(partition.lanes),
                     tuple(lanes[:busiest]),
                 )
             )
+        seen = {TopicPartition(p.topic, p.partition) for p in found}
+        for tp in sorted(self._assigned - seen):
+            committed, lag = self._unread.get(tp, (None, None))
+            found.append(
+                PartitionProgress(tp.topic, tp.partition, 0, lag, committed, None, None, 0, ())
+            )
+        found.sort(key=lambda p: (p.topic, p.partition))
         return found
+
+    async def _measure_unread(self) -> None:
+        """The lag of partitions held but not read from yet (no record of theirs came since
+        the assignment: an idle partition, or one paused since): the broker's high watermark
+        (its last fetch answer's, or asked for) minus the position this instance reads from,
+        which is the committed offset while nothing was read."""
+        consumer = self._consumer or (self._find_consumer() if self._find_consumer else None)
+        if consumer is None:
+            return
+        held = {
+            tp
+            for tp, p in self._partitions.items()
+            if not p.revoked and p.offsets.start is not None
+        }
+        unread = sorted(tp for tp in self._assigned - held if tp in consumer.assignment())
+        measured: dict[TopicPartition, tuple[int, int | None]] = {}
+        try:
+            async with asyncio.timeout(2.0):
+                unknown = []
+                for tp in unread:
+                    position = await consumer.position(tp)
+                    highwater = consumer.highwater(tp)
+                    measured[tp] = (
+                        position,
+                        None if highwater is None else max(0, highwater - position),
+                    )
+                    if highwater is None:
+                        unknown.append(tp)
+                if unknown:
+                    for tp, end in (await consumer.end_offsets(unknown)).items():
+                        measured[tp] = (measured[tp][0], max(0, end - measured[tp][0]))
+        except (TimeoutError, KafkaError) as exc:
+            # A partition revoked meanwhile (IllegalStateError), a broker away: measured next
+            # time; what was measured before it stands.
+            log.debug("lag of partitions not read from: %s", exc)
+        self._unread = measured
 
     async def _watch(self) -> None:
         """Renew `snapshot`, and say, once per record, when one runs longer than
@@ -300,6 +358,7 @@ class KeyOrderedDispatcher:
         interval = max(0.5, min(2.0, self._stuck_after_s / 4))
         while True:
             await asyncio.sleep(interval)
+            await self._measure_unread()
             self.snapshot = self.progress()
             now = time.monotonic()
             for tp, partition in list(self._partitions.items()):
@@ -531,6 +590,7 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self._dispatcher._assigned.update(assigned)
         self._dispatcher.assigned_count = len(self._dispatcher._assigned)
         self._dispatcher.rebalanced = True
+        self._dispatcher._start_background()
         if self._dispatcher.on_rebalance is not None:
             self._dispatcher.on_rebalance()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))

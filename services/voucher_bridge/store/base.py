@@ -138,6 +138,9 @@ class LostClaim(Exception):
 
 
 class CommandStore(Protocol):
+    # The database, as metrics name it (`db.system.name`: "sqlite", "postgresql").
+    system: str
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 

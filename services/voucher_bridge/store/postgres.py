@@ -83,6 +83,8 @@ _DB_NOW = "extract(epoch from clock_timestamp())"
 
 
 class PostgresStore:
+    system = "postgresql"
+
     def __init__(self, url: str, max_connections: int = 20, timeout_s: float = 5.0) -> None:
         self._url = url
         self._timeout_s = timeout_s

@@ -117,6 +117,8 @@ def _enable_wal(db: sqlite3.Connection, deadline_s: float = 10.0) -> None:
 class SqliteStore:
     """`clock`: the store's clock, by which liveness is judged (one host: its own)."""
 
+    system = "sqlite"
+
     def __init__(
         self, path: Path, synchronous: str = "FULL", clock: Callable[[], float] = time.time
     ) -> None:
