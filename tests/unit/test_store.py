@@ -21,6 +21,7 @@ from voucher_bridge.store.base import (
     CommandStore,
     LostClaim,
     NewCommand,
+    OperatorAction,
     State,
 )
 from voucher_bridge.store.postgres import PostgresStore
@@ -611,3 +612,91 @@ async def test_record_key_round_trip(store: CommandStore, record_key: bytes | No
     [pending] = await store.unsettled(limit=10)
     assert pending.record_key == record_key
     assert pending.record_key is None or type(pending.record_key) is bytes
+
+
+# -- for operators (the console) -------------------------------------------------------------
+
+
+async def test_lookup_and_by_subject_show_what_the_store_keeps(store: CommandStore) -> None:
+    assert await store.lookup(new(1).key) is None
+    await done(store, new(1), sent=True)
+    await claimed(store, new(2))
+    row = await store.lookup(new(1).key)
+    assert row is not None
+    assert (row.type, row.subject, row.state, row.revision) == (
+        "pos.redeem",
+        "till-1",
+        State.DONE,
+        0,
+    )
+    assert row.result == result() and row.sent_at == T0 and row.record_key == b"till-1"
+    assert not row.unsettled and not row.needs_operator
+    newest_first = await store.by_subject("till-1", 10)
+    assert [r.key.id for r in newest_first] == ["cmd-2", "cmd-1"]
+    assert newest_first[0].state is State.RECEIVED
+    assert await store.by_subject("till-9", 10) == []
+
+
+async def test_unsettled_rows_hold_both_those_settling_and_those_left_to_an_operator(
+    store: CommandStore,
+) -> None:
+    await done(store, new(1))
+    await done(store, new(2), "indeterminate", unsettled=True)
+    await done(store, new(3), "indeterminate", unsettled=True)
+    assert await store.settle(new(3).key, 0, result("unsettled"), False, T0 + 1, True)
+    rows = {r.key.id: r for r in await store.unsettled_rows(10)}
+    assert set(rows) == {"cmd-2", "cmd-3"}
+    assert rows["cmd-2"].unsettled and not rows["cmd-2"].needs_operator
+    assert rows["cmd-3"].needs_operator and not rows["cmd-3"].unsettled
+    assert rows["cmd-3"].as_unsettled().revision == 1
+
+
+async def test_a_recheck_cuts_a_wait_short_but_never_a_lease(store: CommandStore) -> None:
+    one, two = new(1), new(2)
+    for command in (one, two):
+        await done(store, command, "indeterminate", unsettled=True)
+    # Put off (a wait): a recheck makes it due at once.
+    assert await store.postpone_settle(one.key, 0, A, 600)
+    assert [u.key for u in await store.unsettled(10)] == [two.key]
+    assert await store.recheck_now(one.key)
+    assert one.key in [u.key for u in await store.unsettled(10)]
+    # Leased (a settle looking at it now): refused, and the lease holds.
+    assert await store.lease_settle(two.key, 0, A, 600)
+    assert not await store.recheck_now(two.key)
+    assert not await store.lease_settle(two.key, 0, B, 600)
+    # Not being settled: nothing to recheck.
+    await done(store, new(3))
+    assert not await store.recheck_now(new(3).key)
+
+
+async def test_lease_resolve_takes_one_left_to_an_operator_not_one_leased(
+    store: CommandStore,
+) -> None:
+    left, settling = new(1), new(2)
+    await done(store, left, "indeterminate", unsettled=True)
+    assert await store.settle(left.key, 0, result("unsettled"), False, T0 + 1, True)
+    await done(store, settling, "indeterminate", unsettled=True)
+    assert await store.lease_resolve(left.key, 1, A, 60)
+    assert not await store.lease_resolve(left.key, 0, A, 60)  # the revision moved on
+    assert await store.lease_settle(settling.key, 0, B, 60)
+    assert not await store.lease_resolve(settling.key, 0, A, 60)  # a settle holds it
+    assert await store.settle(left.key, 1, result("failed"), False, T0 + 2)
+    assert not await store.lease_resolve(left.key, 2, A, 60)  # settled: nothing to resolve
+
+
+async def test_operator_actions_are_kept_newest_first_and_filtered(store: CommandStore) -> None:
+    for n, outcome in ((1, "done"), (2, "refused"), (3, "done")):
+        await store.record_action(
+            OperatorAction(T0 + n, "otto", "operator", "replay", f"t/0/{n % 2}", outcome, "d")
+        )
+    await store.record_action(OperatorAction(T0 + 4, "vera", "viewer", "resolve", "s/i", "refused"))
+    assert [a.at for a in await store.actions(10)] == [T0 + 4, T0 + 3, T0 + 2, T0 + 1]
+    replays = await store.actions(10, action="replay", target="t/0/1")
+    assert [(a.at, a.outcome) for a in replays] == [(T0 + 3, "done"), (T0 + 1, "done")]
+    assert [a.at for a in await store.actions(10, action="replay", since=T0 + 2)] == [
+        T0 + 3,
+        T0 + 2,
+    ]
+    assert (await store.actions(1))[0] == OperatorAction(
+        T0 + 4, "vera", "viewer", "resolve", "s/i", "refused", ""
+    )

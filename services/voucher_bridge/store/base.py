@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class State(StrEnum):
@@ -108,6 +108,108 @@ class StoredCommand:
     owner: str | None  # None: released, or done
     owner_alive: bool  # the owner's heartbeat is fresh by the store's clock
     before: str | None = None
+
+
+@dataclass(frozen=True)
+class CommandRow:
+    """Everything the store keeps of one command, for operators (the console, the CLI)."""
+
+    key: CommandKey
+    type: str
+    subject: str
+    state: State
+    revision: int
+    result: str | None
+    unsettled: bool  # indeterminate, still being settled
+    needs_operator: bool  # indeterminate, and the upstream can no longer tell
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+    settle_until: float | None  # leased until, or not looked at again before (store's clock)
+    settle_owner: str | None  # the instance settling it now (None: nobody; a wait)
+    topic: str | None
+    partition: int | None
+    envelope: str
+    record_key: bytes | None
+    before: str | None
+
+    def as_unsettled(self) -> Unsettled:
+        assert self.result is not None
+        return Unsettled(
+            self.key,
+            self.envelope,
+            self.record_key,
+            self.result,
+            self.revision,
+            self.sent_at,
+            self.before,
+            self.topic,
+            self.partition,
+            self.subject,
+            self.created_at,
+        )
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """One thing an operator did or tried (the console's audit): who, when, what, how it went."""
+
+    at: float  # epoch seconds
+    actor: str
+    role: str
+    action: str  # "replay", "replay_dry_run", "recheck", "resolve"
+    target: str  # "pos.commands.dlq/0/17", "source/id"
+    outcome: str  # "done", "refused", "failed"
+    detail: str = ""  # what was decided, or why not (no secret: see console.operations)
+
+
+# The columns `command_row` reads, in its order (both stores name them alike).
+ROW_COLUMNS = (
+    "source, id, type, subject, state, revision, result, unsettled, needs_operator, "
+    "created_at, updated_at, sent_at, settle_until, settle_owner, kafka_topic, "
+    "kafka_partition, envelope, record_key, before_image"
+)
+
+
+def command_row(r: Any) -> CommandRow:
+    return CommandRow(
+        CommandKey(r[0], r[1]),
+        r[2],
+        r[3],
+        State(r[4]),
+        r[5],
+        r[6],
+        bool(r[7]),
+        bool(r[8]),
+        r[9],
+        r[10],
+        r[11],
+        r[12],
+        r[13],
+        r[14],
+        r[15],
+        r[16],
+        bytes(r[17]) if r[17] is not None else None,  # psycopg: a memoryview
+        r[18],
+    )
+
+
+def action_filter(
+    action: str | None, target: str | None, since: float | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The WHERE of an operator-action query (both stores'), with `mark` as placeholder."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        clauses.append(f"at >= {mark}")
+        params.append(since)
+    if action is not None:
+        clauses.append(f"action = {mark}")
+        params.append(action)
+    if target is not None:
+        clauses.append(f"target = {mark}")
+        params.append(target)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def decide_claim(
@@ -226,6 +328,42 @@ class CommandStore(Protocol):
     async def unsettled_summary(self) -> UnsettledSummary:
         """How many results are indeterminate (still being settled, or left to an
         operator), and when the oldest of those still being settled was first claimed."""
+        ...
+
+    # -- for operators (console/operations.py) --------------------------------------------
+
+    async def lookup(self, key: CommandKey) -> CommandRow | None: ...
+    async def by_subject(self, subject: str, limit: int) -> list[CommandRow]:
+        """The subject's (a terminal's, an account's) commands, newest first."""
+        ...
+
+    async def unsettled_rows(self, limit: int) -> list[CommandRow]:
+        """Every done command still indeterminate (settling or left to an operator), oldest
+        first."""
+        ...
+
+    async def recheck_now(self, key: CommandKey) -> bool:
+        """Settle it at the next look rather than after its wait; False when it is not being
+        settled, or is being looked at right now (a lease is held)."""
+        ...
+
+    async def lease_resolve(
+        self, key: CommandKey, revision: int, instance: str, lease_s: float
+    ) -> bool:
+        """Take this revision for an operator's resolution (as `lease_settle`, and for a
+        result left to an operator too); False when a settle holds it or it moved on."""
+        ...
+
+    async def record_action(self, action: OperatorAction) -> None: ...
+    async def actions(
+        self,
+        limit: int,
+        action: str | None = None,
+        target: str | None = None,
+        since: float | None = None,
+    ) -> list[OperatorAction]:
+        """Operators' actions, newest first; only of `action`, on `target`, at or after
+        `since`, where given."""
         ...
 
     async def purge(self, before: float, limit: int) -> int: ...

@@ -19,15 +19,20 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from voucher_bridge.store.base import (
+    ROW_COLUMNS,
     Claim,
     ClaimKind,
     CommandKey,
+    CommandRow,
     LostClaim,
     NewCommand,
+    OperatorAction,
     State,
     StoredCommand,
     Unsettled,
     UnsettledSummary,
+    action_filter,
+    command_row,
     decide_claim,
 )
 
@@ -60,6 +65,17 @@ CREATE TABLE IF NOT EXISTS vb_instances (
 CREATE TABLE IF NOT EXISTS vb_terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS vb_operator_actions (
+    seq BIGSERIAL PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vb_operator_actions_target ON vb_operator_actions (action, target);
 """
 
 
@@ -295,10 +311,11 @@ class PostgresStore:
     async def postpone_settle(
         self, key: CommandKey, revision: int, instance: str, delay_s: float
     ) -> bool:
+        # No owner: a wait, not a lease (an operator's recheck may cut it short).
         updated = await self._execute(
-            f"UPDATE vb_commands SET settle_owner = %s, settle_until = {_DB_NOW} + %s "
+            f"UPDATE vb_commands SET settle_owner = NULL, settle_until = {_DB_NOW} + %s "
             "WHERE source = %s AND id = %s AND revision = %s AND state = 'done'",
-            (instance, delay_s, key.source, key.id, revision),
+            (delay_s, key.source, key.id, revision),
         )
         return updated == 1
 
@@ -346,6 +363,84 @@ class PostgresStore:
             (result, unsettled, needs_operator, now, key.source, key.id, revision),
         )
         return updated == 1
+
+    # -- for operators ---------------------------------------------------------------------
+
+    async def lookup(self, key: CommandKey) -> CommandRow | None:
+        rows = await self._rows("source = %s AND id = %s", [key.source, key.id], "created_at", 1)
+        return rows[0] if rows else None
+
+    async def by_subject(self, subject: str, limit: int) -> list[CommandRow]:
+        return await self._rows("subject = %s", [subject], "created_at DESC", limit)
+
+    async def unsettled_rows(self, limit: int) -> list[CommandRow]:
+        return await self._rows(
+            "(unsettled OR needs_operator) AND state = 'done'", [], "created_at", limit
+        )
+
+    async def _rows(
+        self, where: str, params: list[Any], order: str, limit: int
+    ) -> list[CommandRow]:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                f"SELECT {ROW_COLUMNS} FROM vb_commands WHERE {where} ORDER BY {order} LIMIT %s",
+                (*params, limit),
+            )
+            rows = await cursor.fetchall()
+        return [command_row(r) for r in rows]
+
+    async def recheck_now(self, key: CommandKey) -> bool:
+        updated = await self._execute(
+            "UPDATE vb_commands SET settle_until = NULL, settle_owner = NULL "
+            "WHERE source = %s AND id = %s AND state = 'done' AND unsettled "
+            f"AND (settle_owner IS NULL OR settle_until IS NULL OR settle_until < {_DB_NOW})",
+            (key.source, key.id),
+        )
+        return updated == 1
+
+    async def lease_resolve(
+        self, key: CommandKey, revision: int, instance: str, lease_s: float
+    ) -> bool:
+        updated = await self._execute(
+            f"UPDATE vb_commands SET settle_owner = %s, settle_until = {_DB_NOW} + %s "
+            "WHERE source = %s AND id = %s AND revision = %s AND state = 'done' "
+            "AND (unsettled OR needs_operator) AND (settle_owner IS NULL "
+            f"OR settle_until IS NULL OR settle_until < {_DB_NOW} OR settle_owner = %s)",
+            (instance, lease_s, key.source, key.id, revision, instance),
+        )
+        return updated == 1
+
+    async def record_action(self, action: OperatorAction) -> None:
+        await self._execute(
+            "INSERT INTO vb_operator_actions (at, actor, role, action, target, outcome, detail) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                action.at,
+                action.actor,
+                action.role,
+                action.action,
+                action.target,
+                action.outcome,
+                action.detail,
+            ),
+        )
+
+    async def actions(
+        self,
+        limit: int,
+        action: str | None = None,
+        target: str | None = None,
+        since: float | None = None,
+    ) -> list[OperatorAction]:
+        where, params = action_filter(action, target, since, "%s")
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT at, actor, role, action, target, outcome, detail "
+                f"FROM vb_operator_actions {where} ORDER BY seq DESC LIMIT %s",
+                (*params, limit),
+            )
+            rows = await cursor.fetchall()
+        return [OperatorAction(*r) for r in rows]
 
     async def purge(self, before: float, limit: int) -> int:
         return await self._execute(

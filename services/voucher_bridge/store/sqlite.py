@@ -25,15 +25,20 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from voucher_bridge.store.base import (
+    ROW_COLUMNS,
     Claim,
     ClaimKind,
     CommandKey,
+    CommandRow,
     LostClaim,
     NewCommand,
+    OperatorAction,
     State,
     StoredCommand,
     Unsettled,
     UnsettledSummary,
+    action_filter,
+    command_row,
     decide_claim,
 )
 
@@ -66,6 +71,17 @@ CREATE INDEX IF NOT EXISTS commands_owner ON commands (owner) WHERE owner IS NOT
 CREATE TABLE IF NOT EXISTS terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS operator_actions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operator_actions_target ON operator_actions (action, target);
 """
 
 
@@ -391,10 +407,11 @@ class SqliteStore:
         until = self._clock() + delay_s
 
         def postpone(db: sqlite3.Connection) -> int:
+            # No owner: a wait, not a lease (an operator's recheck may cut it short).
             return db.execute(
-                "UPDATE commands SET settle_owner = ?, settle_until = ? "
+                "UPDATE commands SET settle_owner = NULL, settle_until = ? "
                 "WHERE source = ? AND id = ? AND revision = ? AND state = 'done'",
-                (instance, until, key.source, key.id, revision),
+                (until, key.source, key.id, revision),
             ).rowcount
 
         return bool(await self._run(postpone))
@@ -450,6 +467,95 @@ class SqliteStore:
             ).rowcount
 
         return bool(await self._run(settle))
+
+    # -- for operators ---------------------------------------------------------------------
+
+    async def lookup(self, key: CommandKey) -> CommandRow | None:
+        rows = await self._rows("source = ? AND id = ?", [key.source, key.id], "created_at", 1)
+        return rows[0] if rows else None
+
+    async def by_subject(self, subject: str, limit: int) -> list[CommandRow]:
+        return await self._rows("subject = ?", [subject], "created_at DESC", limit)
+
+    async def unsettled_rows(self, limit: int) -> list[CommandRow]:
+        return await self._rows(
+            "(unsettled = 1 OR needs_operator = 1) AND state = 'done'", [], "created_at", limit
+        )
+
+    async def _rows(
+        self, where: str, params: list[Any], order: str, limit: int
+    ) -> list[CommandRow]:
+        def select(db: sqlite3.Connection) -> list[CommandRow]:
+            rows = db.execute(
+                f"SELECT {ROW_COLUMNS} FROM commands WHERE {where} ORDER BY {order} LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return [command_row(r) for r in rows]
+
+        return await self._run(select)
+
+    async def recheck_now(self, key: CommandKey) -> bool:
+        now = self._clock()
+
+        def recheck(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET settle_until = NULL, settle_owner = NULL "
+                "WHERE source = ? AND id = ? AND state = 'done' AND unsettled = 1 "
+                "AND (settle_owner IS NULL OR settle_until IS NULL OR settle_until < ?)",
+                (key.source, key.id, now),
+            ).rowcount
+
+        return bool(await self._run(recheck))
+
+    async def lease_resolve(
+        self, key: CommandKey, revision: int, instance: str, lease_s: float
+    ) -> bool:
+        now = self._clock()
+
+        def lease(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE commands SET settle_owner = ?, settle_until = ? "
+                "WHERE source = ? AND id = ? AND revision = ? AND state = 'done' "
+                "AND (unsettled = 1 OR needs_operator = 1) AND (settle_owner IS NULL "
+                "OR settle_until IS NULL OR settle_until < ? OR settle_owner = ?)",
+                (instance, now + lease_s, key.source, key.id, revision, now, instance),
+            ).rowcount
+
+        return bool(await self._run(lease))
+
+    async def record_action(self, action: OperatorAction) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO operator_actions (at, actor, role, action, target, outcome, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    action.at,
+                    action.actor,
+                    action.role,
+                    action.action,
+                    action.target,
+                    action.outcome,
+                    action.detail,
+                ),
+            )
+        )
+
+    async def actions(
+        self,
+        limit: int,
+        action: str | None = None,
+        target: str | None = None,
+        since: float | None = None,
+    ) -> list[OperatorAction]:
+        where, params = action_filter(action, target, since, "?")
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT at, actor, role, action, target, outcome, detail FROM operator_actions "
+                f"{where} ORDER BY seq DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        )
+        return [OperatorAction(*r) for r in rows]
 
     async def purge(self, before: float, limit: int) -> int:
         def purge(db: sqlite3.Connection) -> int:
