@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from voucher_contracts import deadletter as dlq
+from voucher_contracts import replay
 from voucher_contracts.coupon import COUPON_COMMAND_TYPES, COUPON_RESULT_FIELDS
 from voucher_contracts.envelope import (
     JSON_CONTENT_TYPE,
@@ -283,6 +284,22 @@ def _trace_headers(required: bool = False) -> dict[str, Schema]:
     return {"traceparent": parent, "tracestate": {"type": "string", "description": "W3C"}}
 
 
+def _replay_headers() -> dict[str, Schema]:
+    return {
+        replay.REPLAY_OF: {
+            "type": "string",
+            "description": "On a record replayed from a dead-letter topic: that dead letter's "
+            "<topic>/<partition>/<offset>.",
+            "examples": ["pos.commands.dlq/0/17"],
+        },
+        replay.REPLAY_COUNT: {
+            "type": "string",
+            "pattern": "^[1-9][0-9]*$",
+            "description": "How many replays the record's chain has had, this one included.",
+        },
+    }
+
+
 def structured_command_headers() -> Schema:
     return {
         "title": "command headers (structured mode)",
@@ -295,6 +312,7 @@ def structured_command_headers() -> Schema:
                 "examples": [STRUCTURED_CONTENT_TYPE],
             },
             **_trace_headers(),
+            **_replay_headers(),
         },
         "anyOf": [
             {
@@ -330,6 +348,7 @@ def binary_command_headers(command_type: str, domain: str) -> Schema:
                 "examples": [JSON_CONTENT_TYPE],
             },
             **_trace_headers(),
+            **_replay_headers(),
         },
         "patternProperties": {"^ce_": ref("CloudEventsString")},
         "propertyNames": {"anyOf": [{"not": {"pattern": "^ce_"}}, {"pattern": "^ce_[a-z0-9]+$"}]},
