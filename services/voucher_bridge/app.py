@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import gc
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -22,6 +24,10 @@ from pydantic import BaseModel
 
 from voucher_bridge import __version__, metrics
 from voucher_bridge.breaker import guard_from_settings
+from voucher_bridge.console.access import Users
+from voucher_bridge.console.deadletters import DeadLetterReader
+from voucher_bridge.console.operations import Console, Limits
+from voucher_bridge.console.web import ServiceLoop, console_app
 from voucher_bridge.epin.client import Credentials, EpinClient
 from voucher_bridge.epin.handler import CouponCommandHandler
 from voucher_bridge.evoucher.client import EvoucherClient
@@ -283,6 +289,7 @@ class Service:
             find_consumer=lambda: getattr(self.subscriber, "consumer", None),
         )
         self._group_watch: asyncio.Task[None] | None = None
+        self._console: Console | None = None
         # Ticks on the service's loop, so that the probes (on a thread of their own) can tell
         # a blocked loop (health.py).
         self.loop_watch = LoopWatch()
@@ -577,6 +584,8 @@ class Service:
         await self.dispatcher.close()
 
     async def after_shutdown(self) -> None:
+        if self._console is not None:
+            await self._console.close()
         await self._stop_kafka_parts()
         await self.evoucher.aclose()
         await self.epin.aclose()
@@ -586,6 +595,72 @@ class Service:
     def _assignment(self) -> set[Any]:
         consumer = getattr(self.subscriber, "consumer", None)
         return set(consumer.assignment()) if consumer is not None else set()
+
+    def console(self) -> Console:
+        """The operator console's looks and actions over this instance's own parts: the same
+        store, producer and pipelines as the commands (console/operations.py)."""
+        if self._console is None:
+            self._console = Console(
+                store=self.store,
+                once=self.once,
+                lanes=self.lanes,
+                producer=self.producer,
+                reader=DeadLetterReader(self._connection),
+                publish=self._publish_superseding,
+                limits=console_limits(self.settings),
+                live=self._console_live,
+                instance=self.once.instance,
+            )
+        return self._console
+
+    async def _console_live(self) -> dict[str, Any]:
+        """What only a running instance knows, for the console's overview."""
+        upstreams = []
+        for name, client in (("evoucher", self.evoucher), ("epin", self.epin)):
+            breaker = client.guard.breaker
+            recent = metrics.recent_requests.get(name)
+            minutes = recent.per_minute()[-5:] if recent is not None else []
+            ok = sum(m[1].get("ok", 0) for m in minutes)
+            errors = sum(m[1].get("error", 0) for m in minutes)
+            upstreams.append(
+                {
+                    "name": name,
+                    "breaker": breaker.state.name.lower() if breaker is not None else "off",
+                    "requests": ok + errors,
+                    "error_rate": errors / (ok + errors) if ok + errors else 0.0,
+                }
+            )
+        per_minute = metrics.recent_outcomes.per_minute()
+        outcomes = [
+            {"at": f"{datetime.fromtimestamp(at, UTC):%H:%M}", "counts": counts}
+            for at, counts in per_minute
+        ]
+        totals: dict[str, int] = {}
+        for _, counts in per_minute:
+            for outcome, n in counts.items():
+                totals[outcome] = totals.get(outcome, 0) + n
+        return {
+            "in_flight": self.dispatcher.in_flight,
+            "partitions": [
+                {
+                    **dataclasses.asdict(p),
+                    "busiest": [
+                        {
+                            "key": _key_text(lane.key),
+                            "depth": lane.depth,
+                            "running_s": lane.running_s,
+                            "running_offset": lane.running_offset,
+                        }
+                        for lane in p.busiest
+                    ],
+                }
+                for p in self.dispatcher.progress()
+            ],
+            "upstreams": upstreams,
+            "outcomes": outcomes,
+            "outcomes_peak": max((sum(counts.values()) for _, counts in per_minute), default=0),
+            "outcome_totals": totals,
+        }
 
     def probes(self) -> Probes:
         """What the health server (health.py) asks, and the registry `/metrics` serves."""
@@ -598,6 +673,11 @@ class Service:
             registry=configure_metrics(),
             # Below the probes' timeout (the chart's is 6 s).
             readiness_timeout_s=5.0,
+            console=console_app(
+                self.console() if settings.console_users else None,
+                Users(settings.console_users),
+                ServiceLoop(lambda: self.loop_watch.loop),
+            ),
         )
 
     def _poll_idle_s(self) -> float | None:
@@ -654,3 +734,22 @@ class Service:
             on_shutdown=[self.on_shutdown],
             after_shutdown=[self.after_shutdown],
         )
+
+
+def console_limits(settings: Settings) -> Limits:
+    return Limits(
+        replay_max=settings.console_replay_max,
+        replays_per_minute=settings.console_replays_per_minute,
+        dlq_scan=settings.console_dlq_scan,
+        show_pins=settings.coupon_result_pins == "shown",
+        trace_url=settings.console_trace_url,
+    )
+
+
+def _key_text(key: bytes | None) -> str:
+    if key is None:
+        return "(no key)"
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return key.hex()

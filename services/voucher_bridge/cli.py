@@ -22,10 +22,45 @@ def main(argv: list[str] | None = None) -> int:
     topics.add_argument("--partitions", type=int, default=6)
 
     unsettled = commands.add_parser(
-        "unsettled",
-        help="list the results the upstream could no longer tell about (an operator decides)",
+        "unsettled", help="indeterminate results: list, recheck now, or resolve by hand"
     )
-    unsettled.add_argument("--limit", type=int, default=100)
+    unsettled_do = unsettled.add_subparsers(dest="action")
+    listing = unsettled_do.add_parser("list", help="every indeterminate result (the default)")
+    listing.add_argument("--limit", type=int, default=200)
+    unsettled.add_argument("--limit", type=int, default=200)
+    recheck = unsettled_do.add_parser("recheck", help="look again at the next settle")
+    resolve = unsettled_do.add_parser(
+        "resolve", help="a superseding result by an operator's word (reason operator_resolved)"
+    )
+    for each in (recheck, resolve):
+        each.add_argument("source")
+        each.add_argument("id")
+    resolve.add_argument("outcome", choices=["succeeded", "failed"])
+    resolve.add_argument("--note", required=True, help="what confirmed the outcome")
+
+    dlq = commands.add_parser("dlq", help="dead letters: list, show, replay")
+    dlq_do = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_do.add_parser("list", help="the newest first")
+    dlq_list.add_argument("topic", help="e.g. pos.commands.dlq")
+    dlq_list.add_argument("--reason")
+    dlq_list.add_argument("--key")
+    dlq_list.add_argument("--since", help="ISO 8601, e.g. 2026-12-01T10:00Z")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    for name, text in (("show", "one dead letter, whole"), ("replay", "back to its topic")):
+        each = dlq_do.add_parser(name, help=text)
+        each.add_argument("topic")
+        each.add_argument("partition", type=int)
+        each.add_argument("offset", type=int)
+        if name == "replay":
+            each.add_argument(
+                "--dry-run", action="store_true", help="only say what the service would do"
+            )
+
+    console = commands.add_parser("console", help="the operator console's tools")
+    console_do = console.add_subparsers(dest="action", required=True)
+    console_do.add_parser(
+        "hash-password", help="a password hash for CONSOLE_USERS (the password read from stdin)"
+    )
 
     spec = commands.add_parser(
         "asyncapi", help="write the AsyncAPI document and the JSON Schema of each event"
@@ -49,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             return _topics(args.partitions)
         if args.command == "asyncapi":
             return _asyncapi(args.out, args.schemas or args.out.parent / "schemas")
-        if args.command == "unsettled":
-            return asyncio.run(_unsettled(args.limit))
+        if args.command in ("unsettled", "dlq"):
+            return asyncio.run(_operate(args))
+        if args.command == "console":
+            return _hash_password()
     except InvalidSettings as exc:
         # One line naming the settings, no traceback: nothing to debug, and no value shown.
         logging.getLogger("voucher_bridge").error("%s", exc)
@@ -96,32 +133,68 @@ def _topics(partitions: int) -> int:
     return 0
 
 
-async def _unsettled(limit: int) -> int:
-    """One JSON line per result left to an operator: the command and what was last known."""
-    from voucher_bridge.settings import load_settings
-    from voucher_bridge.store import open_store
+async def _operate(args: argparse.Namespace) -> int:
+    """`dlq` and `unsettled`: the console's own operations (console/operations.py), with
+    this process's own connections to the store and Kafka, as the user running it."""
+    import getpass
 
-    settings = load_settings()
-    store = open_store(settings.idempotency_store_url.get_secret_value(), settings.store_timeout_s)
-    await store.open()
+    from voucher_bridge.app import Service
+    from voucher_bridge.console.access import Operator
+    from voucher_bridge.console.operations import ConsoleError
+    from voucher_bridge.console.web import since_time
+    from voucher_bridge.settings import load_settings
+
+    service = Service(load_settings())
+    console = service.console()
+    who = Operator(f"cli:{getpass.getuser()}", "operator")
+    acting = (args.command, args.action) in (("dlq", "replay"), ("unsettled", "resolve"))
+    await service.store.open()
     try:
-        for item in await store.needing_operator(limit):
-            envelope = json.loads(item.envelope)
+        if acting:
+            await service.producer.start()
+        if args.command == "dlq" and args.action == "list":
+            since = since_time(args.since)
+            for item in await console.dead_letters(
+                args.topic, args.reason, args.key, since, args.limit
+            ):
+                print(json.dumps(item))
+        elif args.command == "dlq" and args.action == "show":
+            print(json.dumps(await console.dead_letter(args.topic, args.partition, args.offset)))
+        elif args.command == "dlq":
+            done = await console.replay(who, args.topic, args.partition, args.offset, args.dry_run)
+            print(json.dumps(done))
+        elif args.action == "recheck":
+            print(json.dumps(await console.recheck(who, args.source, args.id)))
+        elif args.action == "resolve":
             print(
                 json.dumps(
-                    {
-                        "source": item.key.source,
-                        "id": item.key.id,
-                        "type": envelope.get("type"),
-                        "subject": envelope.get("subject"),
-                        "sent_at": item.sent_at,
-                        "revision": item.revision,
-                        "result": json.loads(item.result),
-                    }
+                    await console.resolve(who, args.source, args.id, args.outcome, args.note)
                 )
             )
+        else:
+            for item in await console.unsettled(args.limit):
+                print(json.dumps(item))
+    except ConsoleError as exc:
+        print(f"voucher-bridge {args.command}: {exc.message}", file=sys.stderr)
+        return 1
     finally:
-        await store.close()
+        await console.close()
+        if acting:
+            await service.producer.stop()
+        await service.store.close()
+    return 0
+
+
+def _hash_password() -> int:
+    import getpass
+
+    from voucher_bridge.console.access import hash_password
+
+    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass()
+    if not password:
+        print("no password given", file=sys.stderr)
+        return 1
+    print(hash_password(password))
     return 0
 
 

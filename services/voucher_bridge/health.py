@@ -1,4 +1,5 @@
-"""Liveness, readiness and metrics over HTTP, served from a thread of their own.
+"""Liveness, readiness and metrics over HTTP (and the operator console, console/web.py),
+served from a thread of their own.
 
 Why a thread: the probes must tell the truth when the service's event loop cannot. A loop
 blocked by a bug answers nothing, so a liveness endpoint served on it could only time out; here
@@ -32,7 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Probes:
     poll_idle_s: Callable[[], float | None]
     registry: CollectorRegistry
     readiness_timeout_s: float = 8.0
+    # The operator console (console/web.py), served under /console/ beside the probes.
+    console: ASGIApp | None = None
 
 
 class HealthServer:
@@ -95,13 +99,14 @@ class HealthServer:
 
     def __init__(self, probes: Probes, host: str, port: int) -> None:
         self._probes = probes
-        app = Starlette(
-            routes=[
-                Route("/health/live", self._live),
-                Route("/health/ready", self._ready),
-                Route("/metrics", self._metrics),
-            ]
-        )
+        routes: list[BaseRoute] = [
+            Route("/health/live", self._live),
+            Route("/health/ready", self._ready),
+            Route("/metrics", self._metrics),
+        ]
+        if probes.console is not None:
+            routes.append(Mount("/console", app=probes.console))
+        app = Starlette(routes=routes)
         # The service's own loop is uvloop; this one serves a few probes a minute.
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", loop="asyncio")
         self._server = uvicorn.Server(config)

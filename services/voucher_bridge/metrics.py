@@ -204,6 +204,39 @@ def http_request_done(
     if error is not None:
         attributes["error.type"] = error
     http_client_duration.record(seconds, attributes)
+    failed = error is not None or (status is not None and status >= 500)
+    recent_requests.setdefault(upstream, Recent()).add("error" if failed else "ok")
+
+
+class Recent:
+    """Counts per minute over the last `minutes`, by a label (the console's overview chart and
+    upstream error rates): the exporters keep totals, not a window an operator can read."""
+
+    def __init__(self, minutes: int = 15) -> None:
+        self._minutes = minutes
+        self._counts: dict[int, dict[str, int]] = {}
+
+    def add(self, label: str, now: float | None = None) -> None:
+        minute = int((time.time() if now is None else now) // 60)
+        bucket = self._counts.setdefault(minute, {})
+        bucket[label] = bucket.get(label, 0) + 1
+        if len(self._counts) > self._minutes + 1:
+            for old in sorted(self._counts)[: -self._minutes - 1]:
+                del self._counts[old]
+
+    def per_minute(self, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
+        """The last `minutes` minutes, oldest first: (minute start, epoch s; counts)."""
+        minute = int((time.time() if now is None else now) // 60)
+        return [
+            (m * 60, dict(self._counts.get(m, {})))
+            for m in range(minute - self._minutes + 1, minute + 1)
+        ]
+
+
+# Outcomes of commands answered, and each upstream's requests by how they went ("ok",
+# "error"), per minute: what the console's overview shows.
+recent_outcomes = Recent()
+recent_requests: dict[str, Recent] = {}
 
 
 def start_at_zero() -> None:

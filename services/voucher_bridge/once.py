@@ -199,6 +199,10 @@ class Timing:
         )
 
 
+class NotResolvable(Exception):
+    """An operator's resolution that cannot be made, and why."""
+
+
 class StoreUnavailable(Exception):
     """The store did not answer within the command's time."""
 
@@ -267,6 +271,8 @@ class ExactlyOnce:
         self._timing = timing or Timing()
         self._clock = clock
         self.instance = uuid.uuid4().hex
+        # Set by an operator's recheck: the settling loop runs at once rather than after its wait.
+        self._settle_soon = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # The commands this instance runs now, each by one task at a time: a second copy of
         # one waits for the first here, never for its claim in the store.
@@ -311,6 +317,7 @@ class ExactlyOnce:
                     "settling",
                     self._timing.settle_interval_s,
                     lambda: self.settle(publish_superseding),
+                    wake=self._settle_soon,
                 )
             ),
             asyncio.create_task(self._every("purge", self._timing.purge_interval_s, self.purge)),
@@ -331,10 +338,20 @@ class ExactlyOnce:
         await self.store.close()
 
     async def _every(
-        self, name: str, interval_s: float, work: Callable[[], Awaitable[object]]
+        self,
+        name: str,
+        interval_s: float,
+        work: Callable[[], Awaitable[object]],
+        wake: asyncio.Event | None = None,
     ) -> None:
+        """`work` every `interval_s`, and at once when `wake` is set (an operator's recheck)."""
         while True:
-            await asyncio.sleep(interval_s)
+            if wake is None:
+                await asyncio.sleep(interval_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval_s)
+                wake.clear()
             try:
                 await work()
             except Exception as exc:
@@ -817,6 +834,49 @@ class ExactlyOnce:
             needs_operator,
         )
         return 1 if stored else 0
+
+    # -- an operator's hand (console/operations.py) -------------------------------------------
+
+    async def recheck(self, key: CommandKey) -> bool:
+        """Look again at an indeterminate result at the next settle, not after its wait; False
+        when it is not being settled or is being looked at right now."""
+        if not await self.store.recheck_now(key):
+            return False
+        self._settle_soon.set()  # the settling loop of this instance, if it runs, goes now
+        return True
+
+    async def resolve(
+        self,
+        key: CommandKey,
+        outcome: Outcome,
+        note: str,
+        publish: PublishSuperseding,
+    ) -> str:
+        """Settle an indeterminate result by an operator's word (the upstream's support desk
+        confirmed, say): a superseding result with reason `operator_resolved` and the note,
+        published (the broker has it) before it is stored, like any superseding result, under
+        the settle lease, so that no settle runs beside it. Returns the new result's id.
+        Raises NotResolvable saying why not."""
+        if outcome not in (Outcome.SUCCEEDED, Outcome.FAILED):
+            raise NotResolvable("an operator resolves to succeeded or failed")
+        row = await self.store.lookup(key)
+        if row is None:
+            raise NotResolvable("no such command in the store")
+        if row.state is not State.DONE or not (row.unsettled or row.needs_operator):
+            raise NotResolvable("its result is not indeterminate")
+        if not await self.store.lease_resolve(
+            key, row.revision, self.instance, self._settle_lease_s
+        ):
+            raise NotResolvable("it is being settled right now; try again in a moment")
+        pending = row.as_unsettled()
+        command = CommandEnvelope.model_validate_json(row.envelope)
+        previous = ResultData.model_validate_json(pending.result)
+        data = previous.model_copy(
+            update={"outcome": outcome, "reason": "operator_resolved", "message": note}
+        )
+        if not await self._supersede(pending, command, data, publish):
+            raise NotResolvable("its result moved on meanwhile (published, not stored)")
+        return result_id(key.source, key.id, row.revision + 1)
 
     async def purge(self) -> int:
         before = self._clock() - self._timing.retention_s

@@ -26,6 +26,13 @@ class EpinAccount(BaseModel):
     password: SecretStr
 
 
+class ConsoleUser(BaseModel):
+    """One console login: a password, or its hash (`voucher-bridge console hash-password`)."""
+
+    password: SecretStr
+    role: Literal["viewer", "operator"] = "viewer"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -176,6 +183,18 @@ class Settings(BaseSettings):
     # Health and metrics HTTP endpoint (0 turns it off)
     http_port: int = Field(default=8080, ge=0)
     http_host: str = "127.0.0.1"
+
+    # The operator console (/console/ on the HTTP port): off (404) while no user is set.
+    console_users: dict[str, ConsoleUser] = Field(default_factory=dict)
+    # A dead letter replayed this many times (its chain of replays counted) is refused.
+    console_replay_max: int = Field(default=3, ge=1)
+    # At most this many replays a minute, all instances' and the CLI's (a slip of the hand
+    # replays few).
+    console_replays_per_minute: int = Field(default=30, ge=1)
+    # How many of each dead-letter partition's newest records a listing reads.
+    console_dlq_scan: int = Field(default=500, ge=1, le=100_000)
+    # The tracing UI's address for a trace, `{trace_id}` in it; none: trace ids as text.
+    console_trace_url: str | None = None
 
     @property
     def pos_dlq_topic(self) -> str:

@@ -40,5 +40,5 @@ def test_unsettled_lists_what_an_operator_must_decide(
     [line] = capsys.readouterr().out.splitlines()
     listed = json.loads(line)
     assert listed["id"] == "cmd-1" and listed["type"] == "pos.redeem"
-    assert listed["sent_at"] == 2.0 and listed["revision"] == 1
-    assert listed["result"]["reason"] == "unsettled"
+    assert listed["sent_at"] == "1970-01-01T00:00:02Z" and listed["revision"] == 1
+    assert listed["result"]["reason"] == "unsettled" and listed["left_to_operator"]

@@ -35,6 +35,11 @@ def test_the_service_wheel_holds_no_sandbox_demo_or_test_code(tmp_path: Path) ->
     names = zipfile.ZipFile(wheel).namelist()
     modules = [n for n in names if n.endswith(".py")]
     assert "voucher_bridge/app.py" in modules
+    # The console's pages and their assets ship with the service (they are not Python).
+    assert {
+        "voucher_bridge/console/templates/overview.html",
+        "voucher_bridge/console/static/console.js",
+    } <= set(names)
     leaked = [n for n in names if any(w in n for w in ("sandbox", "localstack", "demo", "seed"))]
     assert leaked == []
     requires = next(n for n in names if n.endswith("METADATA"))

@@ -82,9 +82,11 @@ class CommandPipeline:
 
     def command_of(self, record: Record) -> CommandEnvelope | None:
         """The command a record holds, if it holds one (for logs about the record)."""
-        return self._decode(record)[0]
+        return self.decode(record)[0]
 
-    def _decode(self, record: Record) -> tuple[CommandEnvelope | None, UnusableRecord | None]:
+    def decode(self, record: Record) -> tuple[CommandEnvelope | None, UnusableRecord | None]:
+        """The record's command, or why it is none (its dead-letter reason), as `process`
+        would find now (an operator's dry run of a replay asks the same)."""
         try:
             command = decode_command(record.headers, record.value, max_bytes=self._max_record_bytes)
             if command.type not in self._command_types:
@@ -112,7 +114,7 @@ class CommandPipeline:
 
     async def _process(self, record: Record) -> str | None:
         """One record to its end; the dead-letter reason when it became one."""
-        command, unusable = self._decode(record)
+        command, unusable = self.decode(record)
         parent = context_from(record.headers, command.traceparent if command else None)
         with tracer.start_as_current_span(
             f"process {record.topic}",
@@ -135,6 +137,16 @@ class CommandPipeline:
                 return unusable.reason
             span.set_attribute("messaging.message.id", command.id)
             span.set_attribute("cloudevents.event_type", command.type)
+            traced = span.get_span_context()
+            if command.traceparent is None and traced.is_valid:
+                # Kept with the command in the store, so that an operator finds its trace (a
+                # command in binary mode has its trace in the record's headers only).
+                command = command.model_copy(
+                    update={
+                        "traceparent": f"00-{traced.trace_id:032x}-{traced.span_id:016x}-"
+                        f"{int(traced.trace_flags):02x}"
+                    }
+                )
             started = time.monotonic()
             try:
                 origin = Origin(record.topic, record.partition, record.timestamp)
@@ -157,6 +169,7 @@ class CommandPipeline:
                 return "result_refused"
             labels = {"command_type": command.type, "outcome": data.outcome.value}
             metrics.commands.add(1, {**labels, "reason": data.reason or ""})
+            metrics.recent_outcomes.add(data.outcome.value)
             metrics.command_duration.record(time.monotonic() - started, labels)
             if answered.replayed:
                 metrics.replayed.add(1, {"command_type": command.type})
