@@ -10,6 +10,7 @@ KAFKA := deploy/kafka/kafka.sh
 
 help:
 	@echo "make demo        the service end to end: broker, sandbox, service, two POS sessions"
+	@echo "make demo KEEP=1 the same, left running (until Ctrl-C) for the operator console"
 	@echo "make test        lint, unit and integration tests against a real Kafka broker"
 	@echo "make run         the service in the foreground (settings from the environment)"
 	@echo "make kafka-up    start the local Kafka broker (127.0.0.1:9092); make kafka-down"
@@ -39,7 +40,7 @@ topics: sync kafka-up
 demo: sync
 	@if $(KAFKA) status >/dev/null 2>&1; then started=0; else started=1; fi; \
 	$(KAFKA) up || exit 1; \
-	$(UV) run voucher-sandbox demo; rc=$$?; \
+	$(UV) run voucher-sandbox demo $(if $(KEEP),--keep,); rc=$$?; \
 	if [ $$started = 1 ]; then $(KAFKA) down; fi; \
 	exit $$rc
 

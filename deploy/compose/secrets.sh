@@ -10,8 +10,10 @@
 #   evoucher_terminals      the eVOUCHER sandbox's seeded terminals and tokens (JSON)
 #   epin_api_key            the Epin sandbox's seeded application key
 #   epin_accounts           the Epin sandbox's seeded users (JSON)
+#   console_users           the operator console's logins: viewer and operator, random
+#                           passwords, made once (JSON; read them here to log in)
 #
-# The service reads the last three from its secrets directory (VOUCHER_BRIDGE_SECRETS_DIR, a file
+# The service reads the last four from its secrets directory (VOUCHER_BRIDGE_SECRETS_DIR, a file
 # per setting), PostgreSQL its password from POSTGRES_PASSWORD_FILE. The sandbox values are the
 # doubles' own published seeds, not secrets of any real system; for a real upstream write its
 # tokens into these files instead. Existing files are kept (a new password would lock the
@@ -27,7 +29,7 @@ SEEDS="$ROOT/sandboxes/src/voucher_sandboxes/seeds"
 
 log() { printf 'secrets.sh: %s\n' "$*" >&2; }
 
-NAMES=(postgres_password store.env evoucher_terminals epin_api_key epin_accounts)
+NAMES=(postgres_password store.env evoucher_terminals epin_api_key epin_accounts console_users)
 
 # Only its own files are ever written or changed; a directory it makes is private.
 if [[ ! -d "$DIR" ]]; then
@@ -51,6 +53,7 @@ printf 'IDEMPOTENCY_STORE_URL=postgresql://voucher_bridge:%s@postgres:5432/vouch
 
 python3 - "$SEEDS" "$DIR" <<'PY'
 import json
+import secrets
 import sys
 from pathlib import Path
 
@@ -62,6 +65,9 @@ values = {
     "epin_api_key": epin["api_key"],
     "epin_accounts": json.dumps(
         {u["username"]: {"username": u["username"], "password": u["password"]} for u in epin["users"]}
+    ),
+    "console_users": json.dumps(
+        {role: {"password": secrets.token_urlsafe(12), "role": role} for role in ("viewer", "operator")}
     ),
 }
 for name, value in values.items():

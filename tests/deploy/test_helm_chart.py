@@ -39,6 +39,7 @@ SECRET_SETTINGS = {
     "kafkaSaslPassword": "KAFKA_SASL_PASSWORD",
     "kafkaSslKeyPassword": "KAFKA_SSL_KEY_PASSWORD",
     "idempotencyStoreUrl": "IDEMPOTENCY_STORE_URL",
+    "consoleUsers": "CONSOLE_USERS",
 }
 
 POSTGRES_2 = {

@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="start the sandboxes and the service, play POS and coupon flows"
     )
     demo.add_argument("--timeout", type=float, default=60.0)
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the service and sandboxes running for the console, until Ctrl-C",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -53,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from voucher_sandboxes.demo import play
 
-        return asyncio.run(play(timeout_s=args.timeout))
+        try:
+            return asyncio.run(play(timeout_s=args.timeout, keep=args.keep))
+        except KeyboardInterrupt:  # the end of `--keep`: everything it started is stopped
+            return 0
 
     from voucher_sandboxes.faults import FaultConfig
 

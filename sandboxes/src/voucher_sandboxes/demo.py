@@ -3,17 +3,24 @@
 Starts the eVOUCHER and Epin sandboxes and the service as processes, plays two POS sessions
 through Kafka (a bill, scans including refused ones, a removal, a redeem of two vouchers; and a
 cancelled payment) and a back-office coupon flow (list, transfer, a share refused for its
-balance, create, history), prints each command with its result and trace id, and stops what it
-started.
+balance, create, history), and sends one record that is not a command (a dead letter); prints
+each command with its result and trace id, an excerpt of /metrics, and the operator console's
+address with a viewer's login; and stops what it started (with `--keep`, `make demo KEEP=1`,
+only on Ctrl-C, so that the console can be looked at).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import re
+import secrets
+import signal
+import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +66,7 @@ SESSIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 ]
 
 
-async def play(*, timeout_s: float = 60.0) -> int:
+async def play(*, timeout_s: float = 60.0, keep: bool = False) -> int:
     settings = load_settings()
     # Logs beside the caller (`make demo` runs in the project's root).
     run_dir = Path.cwd() / "var" / "demo"
@@ -75,7 +82,12 @@ async def play(*, timeout_s: float = 60.0) -> int:
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "KAFKA_GROUP_ID": settings.kafka_group_id,
     }
-    http_port = free_port()
+    # A login for each role, made for this run (the console is never open without one).
+    logins = {"viewer": secrets.token_urlsafe(9), "operator": secrets.token_urlsafe(9)}
+    env["CONSOLE_USERS"] = json.dumps(
+        {name: {"password": password, "role": name} for name, password in logins.items()}
+    )
+    http_port = _port(8080)
     service = start_service(env, run_dir / "service.log", http_port=http_port)
     bootstrap = settings.kafka_bootstrap_servers
     try:
@@ -90,6 +102,8 @@ async def play(*, timeout_s: float = 60.0) -> int:
             for terminal, type_, data in SESSIONS:
                 sent.append(await producer.send(type_, terminal, data, binary=len(sent) % 2 == 1))
             results = await reader.wait_for({c.id for c in sent}, timeout_s)
+            # A till whose software sends garbage: it ends on pos.commands.dlq (not_json).
+            await producer.send_raw(TILL_2.encode(), b"<bill total=12.00/>", [])
         print("POS sessions (pos.commands → pos.results)\n")
         ok = _report(sent, results)
         coupon_sent, coupon_results = await _coupon_flow(settings, timeout_s)
@@ -102,6 +116,14 @@ async def play(*, timeout_s: float = 60.0) -> int:
         )
         _print_metrics(http_port)
         print(f"logs: {_rel(run_dir)}/service.log, sandbox.log, epin-sandbox.log")
+        console = f"http://127.0.0.1:{http_port}/console/"
+        print(f"\nconsole: {console}  (viewer login: viewer / {logins['viewer']})")
+        if keep:
+            print(f"          operator login: operator / {logins['operator']}")
+            print("running until Ctrl-C (the dead letter sent above is on its Dead letters page)")
+            await _until_interrupted()
+        else:
+            print("          (it stops now; `make demo KEEP=1` leaves it running for the console)")
         return 0 if ok else 1
     finally:
         service.stop()
@@ -235,8 +257,11 @@ _SHOWN_METRICS = (
 
 def _print_metrics(port: int) -> None:
     """An excerpt of the service's /metrics, without OpenTelemetry's scope labels."""
+    import logging
+
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its request line is not the excerpt
     time.sleep(2.5)  # the progress gauges are renewed every 2 s
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -244,14 +269,40 @@ def _print_metrics(port: int) -> None:
         print(f"\n/metrics did not answer ({type(exc).__name__})")
         return
     scope = re.compile(r'otel_scope_[a-z_]+="[^"]*",?')
-    lines = [
-        scope.sub("", line).replace(",}", "}").replace("{}", "")
-        for line in text.splitlines()
-        if line.startswith(_SHOWN_METRICS)
-    ]
+    lines, per_name = [], Counter[str]()
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if line.startswith(_SHOWN_METRICS) and per_name[name] < 4:  # a few series of each
+            per_name[name] += 1
+            lines.append(scope.sub("", line).replace(",}", "}").replace("{}", ""))
     print(f"\n/metrics (an excerpt; curl http://127.0.0.1:{port}/metrics while it runs)\n")
     for line in lines:
         print("  " + line)
+
+
+def _port(wanted: int) -> int:
+    """`wanted` where it is free (a stable address to open), else any free one."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            return free_port()
+    return wanted
+
+
+async def _until_interrupted() -> None:
+    """Until Ctrl-C or SIGTERM (handled here: a shell may start the demo with SIGINT ignored,
+    as it does for a job in the background)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    print("\nstopping")
 
 
 def _rel(path: Path) -> str:

@@ -77,7 +77,7 @@ Settings that are secrets: never in the ConfigMap, never a plain env value. The 
 plus every entry of .Values.secrets. A JSON list of env names.
 */}}
 {{- define "voucher-bridge.secretSettingNames" -}}
-{{- $names := list "EVOUCHER_TERMINALS" "EPIN_API_KEY" "EPIN_ACCOUNTS" "KAFKA_SASL_PASSWORD" "KAFKA_SSL_KEY_PASSWORD" "IDEMPOTENCY_STORE_URL" }}
+{{- $names := list "EVOUCHER_TERMINALS" "EPIN_API_KEY" "EPIN_ACCOUNTS" "KAFKA_SASL_PASSWORD" "KAFKA_SSL_KEY_PASSWORD" "IDEMPOTENCY_STORE_URL" "CONSOLE_USERS" }}
 {{- range $name, $_ := .Values.secrets }}
 {{- $names = append $names ($name | snakecase | upper) }}
 {{- end }}
