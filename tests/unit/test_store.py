@@ -700,3 +700,11 @@ async def test_operator_actions_are_kept_newest_first_and_filtered(store: Comman
     assert (await store.actions(1))[0] == OperatorAction(
         T0 + 4, "vera", "viewer", "resolve", "s/i", "refused", ""
     )
+
+
+async def test_a_tills_bill_is_kept_beside_its_session(store: CommandStore) -> None:
+    assert await store.load_bill("till-1") is None
+    await store.save_bill("till-1", '{"bill_id": "b-1"}', T0)
+    await store.save_bill("till-1", '{"bill_id": "b-2"}', T0 + 1)
+    assert await store.load_bill("till-1") == '{"bill_id": "b-2"}'
+    assert await store.load_bill("till-2") is None

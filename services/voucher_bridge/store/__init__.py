@@ -45,3 +45,27 @@ class StoreSessions:
 
     def forget(self) -> None:
         self._cache.clear()
+
+
+class StoreBills:
+    """Each till's bill (evoucher/bill.py), kept in the store with a write-through copy in
+    memory, as StoreSessions keeps the cookie jars: right while this instance owns the till's
+    partition; `forget()` on every rebalance."""
+
+    def __init__(self, store: CommandStore) -> None:
+        self._store = store
+        self._cache: dict[str, str | None] = {}
+
+    async def load(self, terminal: str) -> str | None:
+        if terminal not in self._cache:
+            self._cache[terminal] = await self._store.load_bill(terminal)
+        return self._cache[terminal]
+
+    async def save(self, terminal: str, bill: str) -> None:
+        if self._cache.get(terminal) == bill and terminal in self._cache:
+            return  # unchanged: no write
+        await self._store.save_bill(terminal, bill, time.time())
+        self._cache[terminal] = bill
+
+    def forget(self) -> None:
+        self._cache.clear()

@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS vb_instances (
 CREATE TABLE IF NOT EXISTS vb_terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS vb_terminal_bills (
+    terminal TEXT PRIMARY KEY, bill TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS vb_operator_actions (
     seq BIGSERIAL PRIMARY KEY,
     at DOUBLE PRECISION NOT NULL,
@@ -470,6 +473,22 @@ class PostgresStore:
             "VALUES (%s, %s, %s) ON CONFLICT (terminal) DO UPDATE SET "
             "cookies = excluded.cookies, updated_at = excluded.updated_at",
             (terminal, json.dumps(cookies), now),
+        )
+
+    async def load_bill(self, terminal: str) -> str | None:
+        async with self._pool.connection() as db:
+            cursor = await db.execute(
+                "SELECT bill FROM vb_terminal_bills WHERE terminal = %s", (terminal,)
+            )
+            row = await cursor.fetchone()
+        return str(row[0]) if row else None
+
+    async def save_bill(self, terminal: str, bill: str, now: float) -> None:
+        await self._execute(
+            "INSERT INTO vb_terminal_bills (terminal, bill, updated_at) "
+            "VALUES (%s, %s, %s) ON CONFLICT (terminal) DO UPDATE SET "
+            "bill = excluded.bill, updated_at = excluded.updated_at",
+            (terminal, bill, now),
         )
 
 

@@ -71,6 +71,9 @@ CREATE INDEX IF NOT EXISTS commands_owner ON commands (owner) WHERE owner IS NOT
 CREATE TABLE IF NOT EXISTS terminal_sessions (
     terminal TEXT PRIMARY KEY, cookies TEXT NOT NULL, updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS terminal_bills (
+    terminal TEXT PRIMARY KEY, bill TEXT NOT NULL, updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS operator_actions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -586,6 +589,24 @@ class SqliteStore:
                 "ON CONFLICT (terminal) DO UPDATE SET cookies = excluded.cookies, "
                 "updated_at = excluded.updated_at",
                 (terminal, json.dumps(cookies), now),
+            )
+        )
+
+    async def load_bill(self, terminal: str) -> str | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT bill FROM terminal_bills WHERE terminal = ?", (terminal,)
+            ).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def save_bill(self, terminal: str, bill: str, now: float) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO terminal_bills (terminal, bill, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (terminal) DO UPDATE SET bill = excluded.bill, "
+                "updated_at = excluded.updated_at",
+                (terminal, bill, now),
             )
         )
 
