@@ -54,7 +54,7 @@ from voucher_bridge.kafka.records import Record
 from voucher_bridge.once import Answered, ExactlyOnce, RoutedHandler, Timing
 from voucher_bridge.serving import StopWatchdog
 from voucher_bridge.settings import Settings
-from voucher_bridge.store import StoreSessions, open_store
+from voucher_bridge.store import StoreBills, StoreSessions, open_store
 from voucher_bridge.telemetry import configure_metrics, configure_tracing
 from voucher_bridge.upstream import RetryPolicy
 from voucher_contracts import CommandEnvelope, asyncapi
@@ -224,11 +224,14 @@ class Service:
             base_delay_s=settings.upstream_retry_base_delay_s,
             max_delay_s=settings.upstream_retry_max_delay_s,
         )
+        self.bills = StoreBills(self.store)
         pos_handler = PosCommandHandler(
             self.evoucher,
             retry,
             apply_grace_s=settings.evoucher_apply_grace_s,
             settle_window_s=settings.settle_window_s,
+            bills=self.bills,
+            terminal_stores=settings.terminal_stores,
         )
         coupon_handler = CouponCommandHandler(
             self.epin,
@@ -297,8 +300,10 @@ class Service:
         self.broker = self._broker()
 
     def _on_rebalance(self) -> None:
-        # Another instance may have had a till's partition (and renewed its session).
+        # Another instance may have had a till's partition (and renewed its session, moved
+        # its bill on).
         self.sessions.forget()
+        self.bills.forget()
         # A member may have joined with a store of its own (two started at once, each with
         # the default SQLite file, both passed the start-up check): look again.
         if self._group_watch is None or self._group_watch.done():

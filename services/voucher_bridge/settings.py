@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     # coupon.results; `shown` publishes them as the API gave them (only where every reader of
     # the results topic may spend the coupons).
     coupon_result_pins: Literal["masked", "shown"] = "masked"
+    # Each till's shop, for the `store` of its results, where its commands' source does not
+    # name it (/stores/<store>/...): JSON object terminal → store.
+    terminal_stores: dict[str, str] = Field(default_factory=dict)
     # Lists follow `next` to the end, but no further than this many pages.
     epin_max_pages: int = Field(default=100, gt=0)
 

@@ -91,8 +91,19 @@ SCAN = command("pos.scan", {"voucher_code": "12345678"})
 REDEEM = command("pos.redeem", {"voucher_codes": ["12345678", "12345679"]})
 
 
+# What every POS result gains for the ledger (bill.py): tested on their own, below.
+BOOKING = {"terminal", "store", "bill_id", "bill_unknown", "remaining_due", "vouchers"}
+BOOKING |= {"vouchers_total", "bill_total"}
+
+
 def extras(result: ResultData) -> dict[str, Any]:
-    return dict(result.model_extra or {})
+    """What the decision put on the result, without the booking fields (bill.py)."""
+    found = dict(result.model_extra or {})
+    return {
+        k: v
+        for k, v in found.items()
+        if k not in BOOKING or (k == "bill_total" and result.command_type == "pos.bill_total")
+    }
 
 
 # -- successes -----------------------------------------------------------------------------------
@@ -555,3 +566,60 @@ async def test_recover_never_sends_the_redeem_again() -> None:
     result = await handler.recover(REDEEM, TERMINAL, SentCall(time.time() - 5))
     assert result.outcome is Outcome.SUCCEEDED
     assert redeems(client) == []
+
+
+# -- what a ledger books from (bill.py) ----------------------------------------------------------
+
+
+async def test_a_redeem_result_carries_the_bill_as_the_till_ran_it() -> None:
+    handler, _, _ = handler_for(
+        Answer(200, {"success": 1, "bill_total": 120, "message": "Bill total has been updated"}, 5),
+        SCANNED,
+        Answer(200, {"success": 1, "price": "30.00", "message": "The voucher is valid"}, 5),
+        OK,  # redeem
+    )
+    total = await handler.handle(
+        command("pos.bill_total", {"bill_total": "120"}, id_="b-1"), TERMINAL
+    )
+    first = await handler.handle(
+        command("pos.scan", {"voucher_code": "12345678"}, id_="s-1"), TERMINAL
+    )
+    second = await handler.handle(
+        command("pos.scan", {"voucher_code": "12345679"}, id_="s-2"), TERMINAL
+    )
+    redeemed = await handler.handle(command(REDEEM.type, REDEEM.data, id_="r-1"), TERMINAL)
+    bill_id = total.model_extra["bill_id"]  # type: ignore[index]
+    assert bill_id.startswith("bill-")
+    assert total.model_extra["store"] == "limassol-3"  # type: ignore[index]
+    assert total.model_extra["terminal"] == TERMINAL  # type: ignore[index]
+    assert [r.model_extra["remaining_due"] for r in (total, first, second)] == [  # type: ignore[index]
+        "120.00",
+        "70.00",
+        "40.00",
+    ]
+    booked = redeemed.model_dump(mode="json")
+    assert booked["outcome"] == "succeeded" and booked["bill_id"] == bill_id
+    assert booked["vouchers"] == [
+        {"code": "12345678", "amount": "50.00"},
+        {"code": "12345679", "amount": "30.00"},
+    ]
+    assert (booked["vouchers_total"], booked["bill_total"], booked["remaining_due"]) == (
+        "80.00",
+        "120.00",
+        "40.00",
+    )
+
+
+async def test_a_superseding_redeem_carries_what_the_first_result_did() -> None:
+    previous = indeterminate_of(REDEEM).model_copy(
+        update={"bill_id": "bill-x", "vouchers": [{"code": "12345678", "amount": "50.00"}]}
+    )
+    already = Answer(
+        200, {"success": 0, "message": "Voucher with code 12345678 has already been redeemed!"}, 5
+    )
+    handler, _, _ = handler_for(already, already)
+    settled = await handler.settle(REDEEM, previous, SentCall(0.0, None, later=()))
+    assert settled is not None and settled.outcome is Outcome.SUCCEEDED
+    extra = settled.model_extra or {}
+    assert extra["bill_id"] == "bill-x" and extra["vouchers"][0]["amount"] == "50.00"
+    assert extra["terminal"] == TERMINAL

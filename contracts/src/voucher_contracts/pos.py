@@ -107,13 +107,64 @@ _CODES_OUT = {
     "description": "the vouchers, as the command named them",
 }
 
+# What a ledger books from (the service's record of the till's bill; additive): on every
+# `pos.*` result.
+_NULLABLE_AMOUNT = {
+    "anyOf": [_AMOUNT_OUT, {"type": "null"}],
+    "description": "null where the service cannot know it (see `bill_unknown`, `amount_unknown`)",
+}
+_BOOKING = {
+    "terminal": {"type": "string", "description": "the till (the command's subject)"},
+    "store": {
+        "type": "string",
+        "description": "the till's shop, where the command's source (/stores/<store>/…) or the "
+        "TERMINAL_STORES setting names it",
+    },
+    "bill_id": {
+        "type": ["string", "null"],
+        "description": "the bill the command belongs to, stable for the bill (from its "
+        "pos.bill_total command); null when the service did not see the bill begin",
+    },
+    "bill_unknown": {
+        "type": "string",
+        "enum": ["bill_not_seen"],
+        "description": "why bill_id is null",
+    },
+    "remaining_due": {
+        **_NULLABLE_AMOUNT,
+        "description": "what remains due on the bill after this command: its total less what "
+        "the vouchers on it take off (null when either is unknown)",
+    },
+}
+_VOUCHERS_BOOKED = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["code", "amount"],
+        "properties": {
+            "code": {"type": "string"},
+            "amount": {
+                **_NULLABLE_AMOUNT,
+                "description": "what this voucher paid of the bill, as its scan in this bill "
+                "priced it; null with `amount_unknown` when the service cannot know",
+            },
+            "amount_unknown": {
+                "type": "string",
+                "enum": ["not_scanned_in_this_bill", "scan_answer_had_no_price"],
+            },
+        },
+    },
+}
+
 POS_RESULT_FIELDS: dict[str, dict[str, object]] = {
     "pos.bill_total": {
         **_ANY_POS,
+        **_BOOKING,
         "bill_total": {**_AMOUNT_OUT, "description": "succeeded: the bill total now set"},
     },
     "pos.scan": {
         **_ANY_POS,
+        **_BOOKING,
         "amount": {
             **_AMOUNT_OUT,
             "pattern": "^-?(?:0|[1-9][0-9]*)\\.[0-9]{2}$",
@@ -121,9 +172,17 @@ POS_RESULT_FIELDS: dict[str, dict[str, object]] = {
             "priced it (absent when it sent no readable price)",
         },
     },
-    "pos.remove": dict(_ANY_POS),
+    "pos.remove": {**_ANY_POS, **_BOOKING},
     "pos.redeem": {
         **_ANY_POS,
+        **_BOOKING,
+        "vouchers": {
+            **_VOUCHERS_BOOKED,
+            "description": "the vouchers redeemed, each with what it paid: book a succeeded "
+            "redeem from these (a superseding or reconciled result carries the same)",
+        },
+        "vouchers_total": {**_NULLABLE_AMOUNT, "description": "the sum of the amounts"},
+        "bill_total": {**_NULLABLE_AMOUNT, "description": "the bill's total"},
         "voucher_codes": {**_CODES_OUT, "description": "succeeded, or failed when reconciled"},
         "reconciled": {
             "type": "boolean",
@@ -136,5 +195,13 @@ POS_RESULT_FIELDS: dict[str, dict[str, object]] = {
             "description": "indeterminate after a lost answer: what each voucher's scan showed",
         },
     },
-    "pos.cancel": {**_ANY_POS, "voucher_codes": _CODES_OUT},
+    "pos.cancel": {
+        **_ANY_POS,
+        **_BOOKING,
+        "voucher_codes": _CODES_OUT,
+        "vouchers": {
+            **_VOUCHERS_BOOKED,
+            "description": "the vouchers released, each with what it would have paid",
+        },
+    },
 }

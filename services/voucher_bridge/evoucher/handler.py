@@ -1,4 +1,5 @@
-"""Handle one `pos.*` command: validate, call the eVOUCHER API, decide the outcome.
+"""Handle one `pos.*` command: validate, call the eVOUCHER API, decide the outcome, and put on
+its result what a ledger books from (the till's bill as the service saw it: bill.py).
 
 A redeem whose answer is lost is reconciled by scanning its vouchers (safe to repeat while they
 stay locked to the till): all "already redeemed" proves it applied (`succeeded`); all still
@@ -8,11 +9,16 @@ way at the shop (`apply_grace_s` after it went out), and `indeterminate` until t
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any, Protocol
 
+from voucher_bridge.evoucher.bill import Bill, book, carried
 from voucher_bridge.evoucher.client import UPSTREAM, EvoucherClient, Route
 from voucher_bridge.evoucher.decisions import MONEY_MOVING, decide, request_for
 from voucher_bridge.once import BeforeSend, SentCall
@@ -27,6 +33,33 @@ from voucher_contracts import CommandEnvelope, Outcome, ResultData, UpstreamRepo
 from voucher_contracts.pos import POS_COMMAND_TYPES, PosCommandData, Redeem, Remove, Scan
 
 
+class TerminalBills(Protocol):
+    """Where each till's bill is kept (store.StoreBills), as bill.py's JSON text."""
+
+    async def load(self, terminal: str) -> str | None: ...
+    async def save(self, terminal: str, bill: str) -> None: ...
+
+
+class _InMemoryBills:
+    def __init__(self) -> None:
+        self._bills: dict[str, str] = {}
+
+    async def load(self, terminal: str) -> str | None:
+        return self._bills.get(terminal)
+
+    async def save(self, terminal: str, bill: str) -> None:
+        self._bills[terminal] = bill
+
+
+log = logging.getLogger(__name__)
+
+# A bill is read and kept within this (the store's own bound is the command's: STORE_TIMEOUT_S).
+_BILL_TIMEOUT_S = 5.0
+
+# A command's `source` names its shop so: /stores/<store>/pos (design.md's examples).
+_STORE_IN_SOURCE = re.compile(r"^/stores/([^/]+)(?:/|$)")
+
+
 class PosCommandHandler:
     def __init__(
         self,
@@ -35,12 +68,16 @@ class PosCommandHandler:
         *,
         apply_grace_s: float = 120.0,
         settle_window_s: float = 240.0,
+        bills: TerminalBills | None = None,
+        terminal_stores: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
         self._retry = retry or RetryPolicy()
         self._apply_grace_s = apply_grace_s
         self._settle_window_s = settle_window_s
+        self._bills = bills or _InMemoryBills()
+        self._terminal_stores = dict(terminal_stores or {})
         self._clock = clock
 
     money_moving = MONEY_MOVING
@@ -66,7 +103,7 @@ class PosCommandHandler:
             "unknown_terminal",
         )
         if answered is not None:
-            return answered
+            return self._labelled(command, answered)
         terminal = command.subject
         route, body = request_for(terminal, data)
         if command.type in MONEY_MOVING:
@@ -79,7 +116,9 @@ class PosCommandHandler:
                 decision = Decision(
                     Outcome.FAILED, "upstream_unavailable", f"{refused}: nothing was sent"
                 )
-                return result(command, decision, _report(0, None, started))
+                return await self._booked(
+                    command, result(command, decision, _report(0, None, started))
+                )
             if before_send is not None:
                 await before_send(None)  # the scans after are the evidence; nothing to keep
         sent_at = self._clock()
@@ -99,7 +138,7 @@ class PosCommandHandler:
             report = report.model_copy(
                 update={"elapsed_ms": int((time.monotonic() - started) * 1000)}
             )
-        return result(command, decision, report)
+        return await self._booked(command, result(command, decision, report))
 
     async def recover(
         self, command: CommandEnvelope, record_key: str | None, sent: SentCall
@@ -117,7 +156,7 @@ class PosCommandHandler:
         started = time.monotonic()
         decision = await self._reconcile_redeem(command.subject, data, unknown, sent.at)
         report = UpstreamReport(elapsed_ms=int((time.monotonic() - started) * 1000))
-        return result(command, decision, report)
+        return await self._booked(command, result(command, decision, report))
 
     async def settle(
         self, command: CommandEnvelope, previous: ResultData, sent: SentCall
@@ -146,7 +185,54 @@ class PosCommandHandler:
         )
         if decision.outcome is Outcome.INDETERMINATE:
             return None
-        return result(command, decision, previous.upstream)
+        settled = self._labelled(command, result(command, decision, previous.upstream))
+        fields = carried(previous)  # the bill as the redeem found it, not as it is now
+        if decision.outcome is Outcome.SUCCEEDED:
+            await self._end_bill(command, fields)
+        return settled.model_copy(update=fields)
+
+    # -- what a ledger books from (bill.py) ---------------------------------------------------
+
+    def _labelled(self, command: CommandEnvelope, data: ResultData) -> ResultData:
+        """Every result names its till, and its shop where the source or a setting does."""
+        labels: dict[str, Any] = {"terminal": command.subject}
+        found = _STORE_IN_SOURCE.match(command.source)
+        store = self._terminal_stores.get(command.subject) or (found.group(1) if found else None)
+        if store is not None:
+            labels["store"] = store
+        return data.model_copy(update=labels)
+
+    async def _booked(self, command: CommandEnvelope, data: ResultData) -> ResultData:
+        """The result with its booking fields; the till's bill moved on by it (idempotent: a
+        command run again after a crash leaves the bill, and gets the fields, as before)."""
+        terminal = command.subject
+        try:
+            async with asyncio.timeout(_BILL_TIMEOUT_S):
+                kept = await self._bills.load(terminal)
+        except Exception as exc:
+            # The answer stands whatever happens to the bookkeeping: a redeem that succeeded is
+            # `succeeded`. Its amounts are then unknown (null, with the reason), not guessed.
+            log.warning("%s: the bill could not be read (%s)", terminal, type(exc).__name__)
+            kept = None
+        bill, fields = book(Bill.loads(kept), command, data)
+        try:
+            async with asyncio.timeout(_BILL_TIMEOUT_S):
+                await self._bills.save(terminal, bill.dumps())
+        except Exception as exc:
+            log.warning("%s: the bill could not be kept (%s)", terminal, type(exc).__name__)
+        return self._labelled(command, data).model_copy(update=fields)
+
+    async def _end_bill(self, command: CommandEnvelope, fields: dict[str, Any]) -> None:
+        """A redeem settled `succeeded` later ends its bill, if the till is still at it."""
+        try:
+            async with asyncio.timeout(_BILL_TIMEOUT_S):
+                bill = Bill.loads(await self._bills.load(command.subject))
+                still_at_it = bill.bill_id is not None and bill.bill_id == fields.get("bill_id")
+                if bill.ended_by is None and still_at_it:
+                    ended = replace(bill, ended_by=command.id, ended_with=fields)
+                    await self._bills.save(command.subject, ended.dumps())
+        except Exception as exc:
+            log.warning("%s: the bill could not be ended (%s)", command.subject, type(exc).__name__)
 
     async def _removed(self, terminal: str, code: str) -> bool:
         """Remove a voucher from the till's bill (safe to repeat): whether the shop said so."""
