@@ -49,9 +49,9 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from tests.support.kafka import create_topic, ensure_kafka, unique_topic
 
 from bench.common import Command, commands, sandbox_seed, terminals, warmup_commands
+from tests.support.kafka import create_topic, ensure_kafka, unique_topic
 from voucher_sandboxes.localstack import Process, free_port, start_sandbox, start_service
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from tests.support.kafka import create_topic, ensure_kafka
 
+from tests.support.kafka import create_topic, ensure_kafka
 from voucher_sandboxes.localstack import free_port, start_sandbox, start_service
 
 RETENTION_S = 60

@@ -452,6 +452,8 @@ async def test_redeem_counter_detects_no_double_redemption(
             "expires": "2099-12-31",
             "redeemed": True,
             "redeem_count": 1,
+            "paid": "50.00",
+            "redeemed_by": "limassol-3-till-1",
             "locked_by": None,
             "lock_expires_in_s": None,
         }

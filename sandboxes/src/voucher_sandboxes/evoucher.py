@@ -204,6 +204,10 @@ class Voucher:
     expires: date | None
     redeemed: bool = False
     redeem_count: int = 0  # successful redemptions; more than 1 would be a double redemption
+    # What it paid when redeemed (its lock's price: the scan's answer), and on which machine:
+    # the sandbox's own record, for a ledger's books to be checked against.
+    paid: Decimal | None = None
+    redeemed_by: str | None = None
     lock: Lock | None = None
 
 
@@ -513,6 +517,8 @@ class EvoucherSandbox:
         # voucher is redeemed whole even when it paid less than its value (the collection
         # shows no remaining balance on a voucher).
         for voucher in vouchers:
+            assert voucher.lock is not None
+            voucher.paid, voucher.redeemed_by = voucher.lock.price, terminal.machine_name
             self._release(voucher, restore=False)  # paid: its price stays off the remaining due
             voucher.redeemed = True
             voucher.redeem_count += 1
@@ -573,6 +579,8 @@ class EvoucherSandbox:
                 "expires": v.expires.isoformat() if v.expires else None,
                 "redeemed": v.redeemed,
                 "redeem_count": v.redeem_count,
+                "paid": _money(v.paid) if v.paid is not None else None,
+                "redeemed_by": v.redeemed_by,
                 "locked_by": v.lock.machine if v.lock else None,
                 "lock_expires_in_s": round(v.lock.expires_at - now, 3) if v.lock else None,
             }
