@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -67,6 +68,9 @@ SESSIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 
 
 async def play(*, timeout_s: float = 60.0, keep: bool = False) -> int:
+    # The demo's own Kafka clients say nothing of their group's comings and goings.
+    for noisy in ("aiokafka", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = load_settings()
     # Logs beside the caller (`make demo` runs in the project's root).
     run_dir = Path.cwd() / "var" / "demo"
@@ -106,6 +110,7 @@ async def play(*, timeout_s: float = 60.0, keep: bool = False) -> int:
             await producer.send_raw(TILL_2.encode(), b"<bill total=12.00/>", [])
         print("POS sessions (pos.commands → pos.results)\n")
         ok = _report(sent, results)
+        _print_booked(results)
         coupon_sent, coupon_results = await _coupon_flow(settings, timeout_s)
         print("\nBack-office coupons (coupon.commands → coupon.results)\n")
         ok = _report(coupon_sent, coupon_results) and ok
@@ -230,6 +235,20 @@ def _print_table(sent: list[SentCommand], by_id: dict[str, Any]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+# What a ledger books a redeem from: on the result itself (no earlier event needed).
+_BOOKING = ("terminal", "store", "bill_id", "vouchers", "vouchers_total", "bill_total")
+
+
+def _print_booked(results: list[ReceivedResult]) -> None:
+    for r in results:
+        data = r.data
+        if data["command_type"] == "pos.redeem" and data["outcome"] == "succeeded":
+            booked = {k: data[k] for k in (*_BOOKING, "remaining_due") if k in data}
+            print("\nThe redeem as a ledger books it, from its result alone:\n")
+            for line in json.dumps(booked, indent=2).splitlines():
+                print("  " + line)
+
+
 def _shown(data: dict[str, Any] | None) -> str:
     if not data:
         return ""
@@ -257,11 +276,8 @@ _SHOWN_METRICS = (
 
 def _print_metrics(port: int) -> None:
     """An excerpt of the service's /metrics, without OpenTelemetry's scope labels."""
-    import logging
-
     import httpx
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # its request line is not the excerpt
     time.sleep(2.5)  # the progress gauges are renewed every 2 s
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
