@@ -349,8 +349,11 @@ class ExactlyOnce:
             if wake is None:
                 await asyncio.sleep(interval_s)
             else:
+                # asyncio.timeout, not wait_for: on 3.11 a stop (cancel) that meets wait_for's
+                # own timeout comes out as TimeoutError, and this loop would never end.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), interval_s)
+                    async with asyncio.timeout(interval_s):
+                        await wake.wait()
                 wake.clear()
             try:
                 await work()

@@ -11,9 +11,14 @@ committed is read again by the partition's next owner and answered from the stor
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import faulthandler
 import logging
 import os
+import sys
 import threading
+import traceback
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,11 @@ class StopWatchdog:
     def __init__(self, bound_s: float) -> None:
         self._bound_s = bound_s
         self._timer: threading.Timer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop that stops, to say what it waits on
+            self._loop = asyncio.get_running_loop()
         if self._timer is None:
             self._timer = threading.Timer(self._bound_s, self._give_up)
             self._timer.daemon = True
@@ -53,5 +61,21 @@ class StopWatchdog:
             self._bound_s,
             SHUTDOWN_MARGIN_S,
         )
+        self._say_where_it_hangs()
         logging.shutdown()
         os._exit(UNFINISHED_STOP_STATUS)
+
+    def _say_where_it_hangs(self) -> None:
+        """Every thread's stack and every task's await, on stderr: what the stop waited on
+        (read from this thread while the loop's is stuck: good enough for a last word)."""
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(Exception):
+            for task in list(asyncio.all_tasks(loop)):
+                frames = task.get_stack()
+                where = "".join(traceback.format_stack(frames[-1])) if frames else "(no frame)\n"
+                sys.stderr.write(f"task {task.get_name()} waits at:\n{where}")
+            sys.stderr.flush()

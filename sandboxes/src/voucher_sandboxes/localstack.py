@@ -55,7 +55,9 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, timeout_s: float = 30.0) -> int:
+    def stop(self, timeout_s: float = 50.0) -> int:
+        # Above the service's own stop bound (DRAIN_TIMEOUT_S 30 + 10 s, serving.py): a stop
+        # that hangs ends by its watchdog, which says where it hung, not by this SIGKILL.
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
