@@ -10,14 +10,12 @@ under var/screenshots/console/, and the operator's overview also as docs/console
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 from playwright.async_api import Error as PlaywrightError
@@ -25,7 +23,7 @@ from playwright.async_api import Page, expect
 
 from tests.conftest import Stack
 from tests.support.browser import PHONE, browser_page, chromium_path
-from tests.support.workload import service_env
+from tests.support.workload import http_ready, service_env, until
 from voucher_sandboxes.localstack import CommandProducer, ResultReader, free_port, start_service
 
 pytestmark = [
@@ -57,7 +55,7 @@ async def test_viewer_and_operator_in_a_browser(stack: Any, tmp_path: Path) -> N
         old.unlink()
     service = start_service(env, tmp_path / "service.log", http_port=port)
     try:
-        await _until(lambda: _ready(port), 30, "the service did not become ready")
+        await until(lambda: http_ready(port), 30, "the service did not become ready")
         async with (
             CommandProducer(s.bootstrap, s.commands) as producer,
             ResultReader(s.bootstrap, s.results) as results,
@@ -257,20 +255,3 @@ def _watch(page: Page) -> list[str]:
         lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None,
     )
     return errors
-
-
-async def _until(condition: Any, within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not await condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.5)
-
-
-async def _ready(port: int) -> bool:
-    try:
-        response = await asyncio.to_thread(
-            httpx.get, f"http://127.0.0.1:{port}/health/ready", timeout=6
-        )
-    except httpx.TransportError:
-        return False
-    return response.status_code == 200

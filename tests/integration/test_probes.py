@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from tests.conftest import Stack
 from tests.deploy.test_monitoring import SERVED
-from tests.support.workload import service_env, wait_for_log
+from tests.support.workload import http_ready, service_env, until, wait_for_log
 from voucher_sandboxes.localstack import CommandProducer, ResultReader, free_port, start_service
 
 pytestmark = pytest.mark.kafka
@@ -32,13 +31,6 @@ def _value(text: str, name: str, topic: str) -> float:
     return max(values) if values else 0.0
 
 
-async def _until(condition: Any, within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not await condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.5)
-
-
 async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
     stack: Any, tmp_path: Path
 ) -> None:
@@ -48,7 +40,7 @@ async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
     env = service_env(s, STUCK_AFTER_S="2", EVOUCHER_READ_TIMEOUT_S="10", LOG_LEVEL="INFO")
     service = start_service(env, tmp_path / "service.log", http_port=port)
     try:
-        await _until(lambda: _ready(port), 30, "the service did not become ready")
+        await until(lambda: http_ready(port), 30, "the service did not become ready")
         s.sandbox.faults(latency_ms=2500, routes=["bill_total_api"])
         async with (
             CommandProducer(s.bootstrap, s.commands) as producer,
@@ -71,7 +63,7 @@ async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
                     >= 1.5
                 )
 
-            await _until(behind, 20, "lag and the oldest unfinished age did not rise")
+            await until(behind, 20, "lag and the oldest unfinished age did not rise")
             await wait_for_log(service, "has run for", within_s=20)
             log = (tmp_path / "service.log").read_text()
             assert f"pos.bill_total {sent[0].id} of {till}" in log or any(
@@ -90,7 +82,7 @@ async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
                     == 0
                 )
 
-            await _until(caught_up, 20, "lag and age did not come back to 0")
+            await until(caught_up, 20, "lag and age did not come back to 0")
 
             # A bill total (no money moves) answered 5xx is sent again: counted as retries,
             # and each request's duration by upstream, route and status.
@@ -142,13 +134,3 @@ async def test_lag_and_the_oldest_unfinished_record_follow_a_slow_upstream(
         assert "voucher_bridge_records_stuck_total{" in text
     finally:
         assert service.stop() == 0
-
-
-async def _ready(port: int) -> bool:
-    try:
-        response = await asyncio.to_thread(
-            httpx.get, f"http://127.0.0.1:{port}/health/ready", timeout=6
-        )
-    except httpx.TransportError:
-        return False
-    return response.status_code == 200

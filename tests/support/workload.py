@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -219,3 +220,22 @@ async def wait_for_log(process: Any, text: str, within_s: float) -> None:
         assert process.alive(), process.log_path.read_text(errors="replace")[-2000:]
         assert time.monotonic() < deadline, f"{process.log_path} never said {text!r}"
         await asyncio.sleep(0.2)
+
+
+async def until(condition: Any, within_s: float, what: str) -> None:
+    """Wait until the coroutine function `condition` answers true; fail saying `what`."""
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.5)
+
+
+async def http_ready(port: int) -> bool:
+    """Whether the service on `port` says it is ready (/health/ready answers 200)."""
+    try:
+        response = await asyncio.to_thread(
+            httpx.get, f"http://127.0.0.1:{port}/health/ready", timeout=6
+        )
+    except httpx.TransportError:
+        return False
+    return response.status_code == 200
