@@ -85,8 +85,10 @@ clean:
 	-$(KAFKA) down
 	rm -rf var/kafka/data var/demo .pytest_cache .mypy_cache .ruff_cache
 
-# The benchmark (bench/README.md): voucher-bridge, a naive FastStream subscriber and a bare
-# aiokafka loop on the real broker and the sandbox; a table, bench/results/*.json and *.png.
+# The benchmark (bench/README.md): voucher-bridge, Confluent's Parallel Consumer (a Java peer
+# the bench builds with Maven on first use; skipped without Java 17+ or Maven), a naive
+# FastStream subscriber and a bare aiokafka loop on the real broker and the sandbox; a table,
+# bench/results/*.json and *.png.
 .PHONY: bench bench-quick
 bench: sync
 	$(UV) run python -m bench.run

@@ -1,5 +1,6 @@
-"""`make bench`: voucher-bridge against a naive FastStream subscriber and a bare aiokafka loop,
-on the real broker and the eVOUCHER sandbox, under the same load.
+"""`make bench`: voucher-bridge against Confluent's Parallel Consumer (the JVM peer), a naive
+FastStream subscriber and a bare aiokafka loop, on the real broker and the eVOUCHER sandbox,
+under the same load.
 
     uv run python -m bench.run [--quick] [--out bench/results] [--strict] [--keep]
 
@@ -7,20 +8,23 @@ What it does (bench/README.md says why):
 
 1. starts (or reuses) the broker (`tests.support.kafka.ensure_kafka`) and one eVOUCHER sandbox
    whose seed generates 1,000 terminals with deterministic tokens;
-2. for each partition count P, for each system (voucher-bridge, naive, bare): fresh command and
-   result topics with P partitions and a fresh consumer group, the system started as its own
-   process and warmed up (every terminal's first command answered before anything is timed);
+2. for each partition count P, for each system (voucher-bridge, parallel-consumer, naive,
+   bare; the peer built with Maven first, `bench.peer`, or skipped without Java or Maven): fresh
+   command and result topics with P partitions and a fresh consumer group, the system started
+   as its own process and warmed up (every terminal's first command answered before anything
+   is timed);
    then for each sandbox latency (`POST /_sandbox/faults {"latency_ms": …}`) and terminal count
    K, a burst of N commands produced as fast as the producer goes, timed from each command's
    send to its result's arrival;
-3. at the target scenario (20 ms, 100 terminals, 1 partition), voucher-bridge and the bare loop
-   again at a paced rate of half voucher-bridge's measured maximum there, for the latency
+3. at the target scenario (20 ms, 100 terminals, 1 partition), voucher-bridge, the peer and the
+   bare loop again at a paced rate of half voucher-bridge's measured maximum there, for the latency
    target;
 4. prints one table and the target checks, writes `<out>/<mode>-<UTC time>.json` (every figure,
    the machine) and `.png` (throughput per scenario and system).
 
 Throughput = results received / (last result's arrival - first command's send). Latency =
-arrival - send, p50/p95/p99 over the run's commands.
+arrival - send, p50/p95/p99 over the run's commands. CPU = each system's CPU time per command,
+over its whole process tree.
 """
 
 from __future__ import annotations
@@ -50,14 +54,18 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench import peer as parallel_consumer
 from bench.common import Command, commands, sandbox_seed, terminals, warmup_commands
 from tests.support.kafka import create_topic, ensure_kafka, unique_topic
 from voucher_sandboxes.localstack import Process, free_port, start_sandbox, start_service
 
 ROOT = Path(__file__).resolve().parents[1]
 
-VB, NAIVE, BARE = "voucher-bridge", "naive", "bare"
-SYSTEMS = (VB, NAIVE, BARE)
+VB, PEER, NAIVE, BARE = "voucher-bridge", "parallel-consumer", "naive", "bare"
+SYSTEMS = (VB, PEER, NAIVE, BARE)
+# The peer's KEY-ordered concurrency (Parallel Consumer's maxConcurrency: worker threads, each
+# making its call with a blocking HttpClient.send, so up to as many connections).
+PEER_MAX_CONCURRENCY = 100
 # voucher-bridge's EVOUCHER_MAX_CONNECTIONS and the bare loop's concurrency. The production
 # default, 10, is also the fastest here: httpx's pool (httpcore 1.0.9) costs CPU per request
 # that grows with the pool size (bench/README.md: the bare loop makes 303/s with 10, 251/s with
@@ -89,12 +97,16 @@ class Plan:
     latencies: tuple[int, ...]
     terminal_counts: tuple[int, ...]
     partition_counts: tuple[int, ...]
-    n_fast: int  # voucher-bridge and bare, per burst
+    n_fast: int  # voucher-bridge, the peer and bare, per burst
     n_fast_ordered_bound: int  # ... at 20 ms with 10 terminals (10 lanes: ≤ ~450/s by design)
     n_naive_0ms: int
     n_naive_slow: int  # naive with latency: one record at a time, ≈ 35/s
     paced_s: float
     warmup_terminals: int
+    # Then an untimed burst of this many commands over those terminals (all but naive): the
+    # JVM's JIT compiles the peer's hot paths (its first burst costs about twice the CPU per
+    # command otherwise), and every other system gets the same.
+    warmup_burst: int
 
     def n(self, system: str, s: Scenario) -> int:
         if system == NAIVE:
@@ -115,6 +127,7 @@ FULL = Plan(
     n_naive_slow=120,
     paced_s=6.0,
     warmup_terminals=1000,
+    warmup_burst=2000,
 )
 QUICK = Plan(
     mode="quick",
@@ -127,6 +140,7 @@ QUICK = Plan(
     n_naive_slow=80,
     paced_s=4.0,
     warmup_terminals=100,
+    warmup_burst=2000,
 )
 
 
@@ -209,6 +223,32 @@ def _process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
 
 
+def _tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of `pid` and every process below it (all threads), counting children that
+    have already exited and been waited for (cutime + cstime): a JVM, a launcher and its child,
+    or a service with worker processes, measured the same way."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        child = int(proc.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        cpu[child] = sum(int(v) for v in fields[11:15]) / _TICK  # utime stime cutime cstime
+    if pid not in cpu:
+        return None
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += cpu.get(current, 0.0)
+        stack.extend(children.get(current, ()))
+    return total
+
+
 def _machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of all cores since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -241,10 +281,12 @@ def listening_pid(port: int) -> int | None:
 
 
 class CpuMeter:
-    """CPU seconds used by named processes, and by the whole machine, between two points."""
+    """CPU seconds used by named processes (those in `trees` with everything below them), and
+    by the whole machine, between two points."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
+    def __init__(self, pids: dict[str, int | None], trees: frozenset[str] = frozenset()) -> None:
         self._pids = {name: pid for name, pid in pids.items() if pid}
+        self._trees = trees
         self._start: dict[str, float] = {}
         self._machine: tuple[float, float] = (0.0, 0.0)
 
@@ -252,7 +294,7 @@ class CpuMeter:
         self._start = {
             name: cpu
             for name, pid in self._pids.items()
-            if (cpu := _process_cpu_s(pid)) is not None
+            if (cpu := self._cpu(name, pid)) is not None
         }
         self._machine = _machine_cpu()
 
@@ -261,7 +303,7 @@ class CpuMeter:
         and the cores used by everything else (other processes on the machine, the kernel)."""
         used_s = {}
         for name, before in self._start.items():
-            after = _process_cpu_s(self._pids[name])
+            after = self._cpu(name, self._pids[name])
             if after is not None:
                 used_s[name] = after - before
         busy, total = _machine_cpu()
@@ -270,6 +312,9 @@ class CpuMeter:
         per_command = {k: v * 1000 / max(commands, 1) for k, v in used_s.items()}
         others = max(0.0, busy_s - sum(used_s.values())) / wall_s
         return per_command, busy_s / total_s, others
+
+    def _cpu(self, name: str, pid: int) -> float | None:
+        return _tree_cpu_s(pid) if name in self._trees else _process_cpu_s(pid)
 
 
 # --- Kafka side ----------------------------------------------------------------------------------
@@ -411,14 +456,16 @@ class System:
         partitions: int,
         workdir: Path,
         max_connections: int,
+        command: list[str] | None = None,  # the peer's (bench.peer)
     ) -> None:
         self.name = name
         self.max_connections = max_connections
+        self.command = command
         self.bootstrap = bootstrap
         self.sandbox_url = sandbox_url
         self.partitions = partitions
         self.workdir = workdir
-        tag = {VB: "vb", NAIVE: "naive", BARE: "bare"}[name]
+        tag = {VB: "vb", PEER: "pc", NAIVE: "naive", BARE: "bare"}[name]
         self.commands = unique_topic(f"bench.{tag}.p{partitions}.commands")
         self.results = self.commands.replace(".commands-", ".results-")
         self.extra_topics: list[str] = []
@@ -460,7 +507,6 @@ class System:
             }
             self.process = start_service(env, self.log)
             return
-        module = {NAIVE: "bench.naive", BARE: "bench.bare"}[self.name]
         env = {
             "BENCH_BOOTSTRAP": self.bootstrap,
             "BENCH_COMMANDS_TOPIC": self.commands,
@@ -469,10 +515,16 @@ class System:
             "BENCH_SANDBOX_URL": self.sandbox_url,
             "BENCH_TERMINALS": tokens,
             "BENCH_MAX_CONNECTIONS": str(self.max_connections),
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
         }
+        if self.name == PEER:
+            assert self.command is not None
+            env["BENCH_PC_MAX_CONCURRENCY"] = str(PEER_MAX_CONCURRENCY)
+            self.process = Process(self.command, env, self.log)
+            return
+        module = {NAIVE: "bench.naive", BARE: "bench.bare"}[self.name]
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
         self.process = Process([sys.executable, "-m", module], env, self.log)
 
     def alive(self) -> bool:
@@ -500,6 +552,8 @@ class Bench:
         self.sandbox_url = ""
         self.sandbox_pid: int | None = None
         self.broker_pid: int | None = None
+        self.peer: parallel_consumer.Peer | None = None
+        self.peer_skipped: str | None = None  # why the peer did not run
         self._run_seq = 0
 
     async def set_latency(self, latency_ms: int) -> None:
@@ -524,6 +578,20 @@ class Bench:
         status = await system.reader.wait(180, system.alive)
         if status != "ok":
             raise RuntimeError(f"{system.name} did not warm up ({status}); see {system.log}")
+        if system.name == NAIVE or not self.plan.warmup_burst:
+            return
+        started = time.monotonic()
+        batch = commands(self.plan.warmup_burst, count, f"warm-burst-{system.name}", seed=0)
+        system.reader.expect({c.id for c in batch})
+        await load.burst(system.commands, batch)
+        status = await system.reader.wait(180, system.alive)
+        if status != "ok":
+            raise RuntimeError(f"{system.name} did not warm up ({status}); see {system.log}")
+        print(
+            f"  warmed up: {count} terminals, then {len(batch)} commands in "
+            f"{time.monotonic() - started:.1f} s (not timed)",
+            flush=True,
+        )
 
     async def measure(
         self,
@@ -542,7 +610,8 @@ class Bench:
                 "sandbox": self.sandbox_pid,
                 "broker": self.broker_pid,
                 "bench": os.getpid(),
-            }
+            },
+            trees=frozenset({"system"}),
         )
         meter.start()
         if rate:
@@ -557,8 +626,24 @@ class Bench:
         print(f"  {_run_line(run)}", flush=True)
         return run
 
+    async def build_peer(self) -> None:
+        """Builds the Parallel Consumer peer if needed (before anything is measured); without
+        Java or Maven, or if the build fails, says so and the peer is skipped."""
+        print(f"{PEER}: checking its build (bench/peers/parallel-consumer)", flush=True)
+        try:
+            self.peer = await asyncio.to_thread(parallel_consumer.ensure)
+        except parallel_consumer.PeerUnavailable as exc:
+            self.peer_skipped = str(exc)
+            print(f"{PEER}: SKIPPED: {exc}", flush=True)
+            return
+        built = {"current": "already built", "offline": "built (offline)", "online": "built"}
+        versions = ", ".join(f"{k} {v}" for k, v in self.peer.versions.items())
+        print(f"{PEER}: {built[self.peer.built]}; Java {self.peer.java}, {versions}", flush=True)
+
     async def main(self) -> None:
         plan = self.plan
+        if PEER in self.only:
+            await self.build_peer()
         self.bootstrap = await asyncio.to_thread(ensure_kafka)
         seed_path = self.workdir / "evoucher-seed.json"
         seed_path.write_text(json.dumps(sandbox_seed()))
@@ -589,8 +674,22 @@ class Bench:
         self, name: str, partitions: int, load: Load, vb_max: float | None
     ) -> float | None:
         plan = self.plan
+        if name == PEER and self.peer is None:
+            for latency in plan.latencies:
+                for count in plan.terminal_counts:
+                    scenario = Scenario(latency, count, partitions)
+                    n = plan.n(name, scenario)
+                    self.runs.append(Run(name, scenario, "burst", n, status="skipped"))
+            print(f"{name}, {partitions} partition(s): skipped ({self.peer_skipped})", flush=True)
+            return vb_max
         system = System(
-            name, self.bootstrap, self.sandbox_url, partitions, self.workdir, self.max_connections
+            name,
+            self.bootstrap,
+            self.sandbox_url,
+            partitions,
+            self.workdir,
+            self.max_connections,
+            self.peer.command if name == PEER and self.peer else None,
         )
         self.topics += system.topics
         print(f"{name}, {partitions} partition(s): starting", flush=True)
@@ -615,7 +714,7 @@ class Bench:
                     )
                     if target and name == VB and run.status == "ok":
                         vb_max = run.throughput
-                    if target and name in (VB, BARE) and vb_max and not failed:
+                    if target and name in (VB, PEER, BARE) and vb_max and not failed:
                         # The latency target: half of voucher-bridge's maximum rate here, after
                         # a pause that lets the burst's after-effects (commits, a garbage
                         # collection) pass, so that it measures the steady state.
@@ -658,18 +757,27 @@ def _run_line(run: Run) -> str:
     if run.other_cores is not None:
         busy += f", {run.other_cores:.2f} cores used by others"
     return (
-        f"{run.scenario.label:<20} {run.system:<15} {run.kind}{rate}: {run.status}, "
+        f"{run.scenario.label:<20} {run.system:<17} {run.kind}{rate}: {run.status}, "
         f"{run.received}/{run.n} in {run.duration_s:.2f}s = {run.throughput:,.0f}/s, "
         f"p50 {_fmt(lat.get('p50'))} p95 {_fmt(lat.get('p95'))} p99 {_fmt(lat.get('p99'))} ms; "
         f"CPU ms/command: {cpu}; machine busy {busy}"
     )
 
 
+def _ratio(by: dict[tuple[Scenario, str, str], Run], run: Run, other: str) -> float | None:
+    """A burst's throughput over another system's in the same scenario."""
+    theirs = by.get((run.scenario, other, "burst"))
+    if run.status == "ok" and run.kind == "burst" and theirs and theirs.status == "ok":
+        return run.throughput / theirs.throughput
+    return None
+
+
 def table(runs: list[Run]) -> str:
     by = {(r.scenario, r.system, r.kind): r for r in runs}
     header = (
-        f"{'scenario':<20} {'system':<15} {'run':<11} {'N':>5} {'throughput/s':>12} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x naive':>8} {'x bare':>7} {'cpu ms':>7}"
+        f"{'scenario':<20} {'system':<17} {'run':<11} {'N':>5} {'throughput/s':>12} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x peer':>7} {'x naive':>8} {'x bare':>7} "
+        f"{'cpu ms':>7} {'cpu x peer':>10}"
     )
     lines = [header, "-" * len(header)]
     last_scenario: Scenario | None = None
@@ -687,29 +795,24 @@ def table(runs: list[Run]) -> str:
         if last_scenario is not None and run.scenario != last_scenario:
             lines.append("")
         last_scenario = run.scenario
-        naive = by.get((run.scenario, NAIVE, "burst"))
-        bare = by.get((run.scenario, BARE, run.kind))
         ok = run.status == "ok"
-        vs_naive = (
-            run.throughput / naive.throughput
-            if ok and run.kind == "burst" and naive and naive.status == "ok"
-            else None
+        peer = by.get((run.scenario, PEER, run.kind))
+        cpu, peer_cpu = (
+            run.cpu_ms_per_command.get("system"),
+            peer.cpu_ms_per_command.get("system") if peer and peer.status == "ok" else None,
         )
-        vs_bare = (
-            run.throughput / bare.throughput
-            if ok and run.kind == "burst" and bare and bare.status == "ok"
-            else None
-        )
+        cpu_vs_peer = cpu / peer_cpu if ok and cpu and peer_cpu else None
         kind = run.kind if run.kind == "burst" else f"@{run.rate_offered:,.0f}/s"
         throughput = _fmt(run.throughput, 0) if ok else run.status.upper()
         if disturbed(run):
             throughput = "*" + throughput
         lat = run.latency_ms
         lines.append(
-            f"{run.scenario.label:<20} {run.system:<15} {kind:<11} {run.n:>5} {throughput:>12} "
+            f"{run.scenario.label:<20} {run.system:<17} {kind:<11} {run.n:>5} {throughput:>12} "
             f"{_fmt(lat.get('p50')):>8} {_fmt(lat.get('p95')):>8} {_fmt(lat.get('p99')):>8} "
-            f"{_fmt(vs_naive):>8} {_fmt(vs_bare, 2):>7} "
-            f"{_fmt(run.cpu_ms_per_command.get('system'), 2):>7}"
+            f"{_fmt(_ratio(by, run, PEER), 2):>7} {_fmt(_ratio(by, run, NAIVE)):>8} "
+            f"{_fmt(_ratio(by, run, BARE), 2):>7} "
+            f"{_fmt(cpu, 2):>7} {_fmt(cpu_vs_peer, 2):>10}"
         )
     if any(disturbed(r) for r in runs):
         lines.append("")
@@ -809,6 +912,60 @@ def targets(runs: list[Run]) -> list[Target]:
         )
     else:
         found.append(Target("3. p99 added < 25 ms at half max rate", None, "not measured"))
+    # 4-6. Against the Parallel Consumer peer, in the same run, at the same scenario (and, for
+    # the p99, at the same paced rate).
+    peer = burst(PEER, where)
+    name = f"4. throughput >= the Parallel Consumer peer's at {where.label}"
+    if vb and peer:
+        ratio = vb.throughput / peer.throughput
+        found.append(
+            Target(
+                name,
+                ratio >= 1,
+                f"{ratio:.2f}x ({vb.throughput:,.0f}/s vs {peer.throughput:,.0f}/s)",
+                {"ratio": ratio, "vb": vb.throughput, "peer": peer.throughput},
+                disturbed(vb) or disturbed(peer),
+            )
+        )
+    else:
+        found.append(Target(name, None, "not measured"))
+    name = f"5. CPU per command <= 1.25x the peer's at {where.label}"
+    vb_cpu = vb.cpu_ms_per_command.get("system") if vb else None
+    peer_cpu = peer.cpu_ms_per_command.get("system") if peer else None
+    if vb_cpu and peer_cpu:
+        ratio = vb_cpu / peer_cpu
+        found.append(
+            Target(
+                name,
+                ratio <= 1.25,
+                f"{ratio:.2f}x ({vb_cpu:.2f} vs {peer_cpu:.2f} ms)",
+                {"ratio": ratio, "vb_ms": vb_cpu, "peer_ms": peer_cpu},
+                bool(vb and disturbed(vb)) or bool(peer and disturbed(peer)),
+            )
+        )
+    else:
+        found.append(Target(name, None, "not measured"))
+    name = f"6. p99 at half max rate within 10 ms of the peer's ({where.label})"
+    peer_paced = paced.get(PEER)
+    if vb_paced and peer_paced:
+        over = vb_paced.latency_ms["p99"] - peer_paced.latency_ms["p99"]
+        found.append(
+            Target(
+                name,
+                over <= 10,
+                f"{over:+.1f} ms (p99 {vb_paced.latency_ms['p99']:.1f} vs "
+                f"{peer_paced.latency_ms['p99']:.1f} ms at {vb_paced.rate_offered:,.0f}/s)",
+                {
+                    "over_peer_ms": over,
+                    "vb_p99_ms": vb_paced.latency_ms["p99"],
+                    "peer_p99_ms": peer_paced.latency_ms["p99"],
+                    "rate": vb_paced.rate_offered,
+                },
+                disturbed(vb_paced) or disturbed(peer_paced),
+            )
+        )
+    else:
+        found.append(Target(name, None, "not measured"))
     return found
 
 
@@ -824,15 +981,16 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     for r in bursts:
         if r.scenario not in scenarios:
             scenarios.append(r.scenario)
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(scenarios) + 2), 4.8))
-    colours = {VB: "#1f77b4", NAIVE: "#d62728", BARE: "#7f7f7f"}
-    for k, system in enumerate(SYSTEMS):
+    shown = [s for s in SYSTEMS if any(r.system == s and r.status == "ok" for r in bursts)]
+    width = 0.8 / max(len(shown), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(scenarios) + 2), 4.8))
+    colours = {VB: "#1f77b4", PEER: "#ff7f0e", NAIVE: "#d62728", BARE: "#7f7f7f"}
+    for k, system in enumerate(shown):
         values = []
         for s in scenarios:
-            r = next((r for r in bursts if r.system == system and r.scenario == s), None)
-            values.append(r.throughput if r and r.status == "ok" else 0.0)
-        xs = [i + (k - 1) * width for i in range(len(scenarios))]
+            found = next((r for r in bursts if r.system == system and r.scenario == s), None)
+            values.append(found.throughput if found and found.status == "ok" else 0.0)
+        xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(scenarios))]
         bars = ax.bar(xs, values, width, label=system, color=colours[system])
         for bar, v in zip(bars, values, strict=True):
             if v > 0:
@@ -852,7 +1010,7 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     ax.set_xticks(range(len(scenarios)))
     ax.set_xticklabels([s.label.replace(" ", "\n") for s in scenarios], fontsize=8)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", ncol=3)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(shown) or 1)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -966,6 +1124,17 @@ def main(argv: list[str] | None = None) -> int:
             "random (seeded); CloudEvents structured mode; producer acks=all",
             "throughput": "received / (last arrival - first send)",
             "latency": "result arrival - command send, per command (monotonic clock)",
+            "cpu": "CPU time per command of each system's whole process tree (/proc)",
+            "peer": (
+                {
+                    "java": bench.peer.java,
+                    **bench.peer.versions,
+                    "max_concurrency": PEER_MAX_CONCURRENCY,
+                    "built": bench.peer.built,
+                }
+                if bench.peer
+                else {"skipped": bench.peer_skipped}
+            ),
         },
         "runs": [r.row() for r in runs],
         "targets": [asdict(t) for t in found],
@@ -978,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(
             runs,
             png_path,
-            f"voucher-bridge benchmark ({plan.mode}), {report['machine']['nproc']} cores, "
+            f"voucher-bridge benchmark ({plan.mode}), {len(os.sched_getaffinity(0))} cores, "
             f"{started:%Y-%m-%d %H:%M} UTC",
         )
     print(f"wrote {json_path}" + (f" and {png_path}" if runs else ""))
