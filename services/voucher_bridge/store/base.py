@@ -162,6 +162,18 @@ class OperatorAction:
     outcome: str  # "done", "refused", "failed"
     detail: str = ""  # what was decided, or why not (no secret: see console.operations)
 
+    def row(self) -> tuple[float, str, str, str, str, str, str]:
+        """As both stores insert it: at, actor, role, action, target, outcome, detail."""
+        return (
+            self.at,
+            self.actor,
+            self.role,
+            self.action,
+            self.target,
+            self.outcome,
+            self.detail,
+        )
+
 
 # The columns `command_row` reads, in its order (both stores name them alike).
 ROW_COLUMNS = (

@@ -417,15 +417,7 @@ class PostgresStore:
         await self._execute(
             "INSERT INTO vb_operator_actions (at, actor, role, action, target, outcome, detail) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (
-                action.at,
-                action.actor,
-                action.role,
-                action.action,
-                action.target,
-                action.outcome,
-                action.detail,
-            ),
+            action.row(),
         )
 
     async def actions(

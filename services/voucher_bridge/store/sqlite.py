@@ -531,15 +531,7 @@ class SqliteStore:
             lambda db: db.execute(
                 "INSERT INTO operator_actions (at, actor, role, action, target, outcome, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    action.at,
-                    action.actor,
-                    action.role,
-                    action.action,
-                    action.target,
-                    action.outcome,
-                    action.detail,
-                ),
+                action.row(),
             )
         )
 
