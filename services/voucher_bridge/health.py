@@ -149,20 +149,36 @@ class HealthServer:
 
     async def _on_service_loop(self, work: Awaitable[Any], timeout_s: float) -> Any:
         """Run `work` on the service's loop; a string saying why not when it cannot."""
-        loop = self._probes.watch.loop
-        if loop is None or loop.is_closed():
-            _close(work)
-            return "the service is not running yet"
         try:
-            future = asyncio.run_coroutine_threadsafe(_awaited(work), loop)
-        except RuntimeError:
-            _close(work)
-            return "the service is not running"
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+            return await on_loop(self._probes.watch.loop, work, timeout_s)
+        except ServiceNotRunning as exc:
+            return str(exc)
         except TimeoutError:
-            future.cancel()
             return f"the service's event loop did not answer within {timeout_s:g} s"
+
+
+class ServiceNotRunning(Exception):
+    """The service's loop does not run (yet, or any more)."""
+
+
+async def on_loop(
+    loop: asyncio.AbstractEventLoop | None, work: Awaitable[Any], timeout_s: float
+) -> Any:
+    """Run `work` on `loop` (the service's) from this thread's loop: its answer, or
+    ServiceNotRunning, or TimeoutError past `timeout_s` (the work is cancelled then)."""
+    if loop is None or loop.is_closed():
+        _close(work)
+        raise ServiceNotRunning("the service is not running yet")
+    try:
+        future = asyncio.run_coroutine_threadsafe(_awaited(work), loop)
+    except RuntimeError:
+        _close(work)
+        raise ServiceNotRunning("the service is not running") from None
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise
 
 
 async def _awaited(work: Awaitable[Any]) -> Any:

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 
 from voucher_bridge.console.access import Operator, Users
 from voucher_bridge.console.operations import Console, ConsoleError
+from voucher_bridge.health import ServiceNotRunning, on_loop
 
 log = logging.getLogger(__name__)
 
@@ -375,23 +376,7 @@ class ServiceLoop:
         self._loop = loop
 
     async def __call__(self, work: Awaitable[Any], timeout_s: float) -> Any:
-        loop = self._loop()
-        if loop is None or loop.is_closed():
-            _close(work)
-            raise ConsoleError(503, "the service is not running yet")
-        future = asyncio.run_coroutine_threadsafe(_awaited(work), loop)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except TimeoutError:
-            future.cancel()
-            raise
-
-
-async def _awaited(work: Awaitable[Any]) -> Any:
-    return await work
-
-
-def _close(work: Awaitable[Any]) -> None:
-    close = getattr(work, "close", None)
-    if close is not None:
-        close()
+            return await on_loop(self._loop(), work, timeout_s)
+        except ServiceNotRunning as exc:
+            raise ConsoleError(503, str(exc)) from None
