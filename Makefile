@@ -63,8 +63,14 @@ test-unit: sync
 	$(UV) run pytest tests/unit -q
 
 # The integration tests start the local broker themselves when none runs (tests/support/kafka.py).
+# Then the guarantee tests again with two worker processes (WORKERS=2, workers/pool.py): the
+# crash, ordering, commit and revocation, every-record-ends and honest-outcome tests.
+WORKER_TESTS = tests/integration/test_crash.py tests/integration/test_concurrency.py \
+	tests/integration/test_every_record_ends.py tests/integration/test_honest_outcomes.py \
+	tests/integration/test_exactly_once.py
 test: lint
 	$(UV) run pytest -q
+	WORKERS=2 $(UV) run pytest -q $(WORKER_TESTS)
 
 # Images (deploy/images/): podman or docker, whichever is installed. Where no base image can
 # be pulled, the podman build first makes one from Debian's packages (base-images, mmdebstrap);

@@ -7,8 +7,7 @@ import copy
 import dataclasses
 import gc
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,19 +18,12 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.message import StreamMessage
 from faststream.specification import AsyncAPI
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from pydantic import BaseModel
 
 from voucher_bridge import __version__, metrics
-from voucher_bridge.breaker import guard_from_settings
 from voucher_bridge.console.access import Users
 from voucher_bridge.console.deadletters import DeadLetterReader
 from voucher_bridge.console.operations import Console, Limits
 from voucher_bridge.console.web import ServiceLoop, console_app
-from voucher_bridge.epin.client import Credentials, EpinClient
-from voucher_bridge.epin.handler import CouponCommandHandler
-from voucher_bridge.evoucher.client import EvoucherClient
-from voucher_bridge.evoucher.handler import PosCommandHandler
 from voucher_bridge.guards import (
     client_id_of,
     instance_of,
@@ -43,23 +35,17 @@ from voucher_bridge.health import LivenessBounds, LoopWatch, Probes
 from voucher_bridge.kafka.admin import group_client_ids, topic_retention_ms
 from voucher_bridge.kafka.connection import (
     ProblemLog,
-    connection_args,
     connection_problem,
     faststream_security,
 )
 from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher, PartitionProgress
-from voucher_bridge.kafka.pipeline import CommandPipeline, Topics
-from voucher_bridge.kafka.producer import RecordProducer
 from voucher_bridge.kafka.records import Record
-from voucher_bridge.once import Answered, ExactlyOnce, RoutedHandler, Timing
+from voucher_bridge.runtime import CommandRuntime
 from voucher_bridge.serving import StopWatchdog
 from voucher_bridge.settings import Settings
-from voucher_bridge.store import StoreBills, StoreSessions, open_store
 from voucher_bridge.telemetry import configure_metrics, configure_tracing
-from voucher_bridge.upstream import RetryPolicy
-from voucher_contracts import CommandEnvelope, asyncapi
-from voucher_contracts.coupon import COUPON_COMMAND_TYPES
-from voucher_contracts.pos import POS_COMMAND_TYPES
+from voucher_bridge.workers import WorkerPool, worker_count
+from voucher_contracts import asyncapi
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +78,6 @@ async def _asked_again(
             if not exc.retriable or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.5)
-
-
-def _upstream_wait_s(settings: Settings) -> float:
-    """The longest a command may wait for an upstream's open circuit (breaker.py)."""
-    waits = [
-        settings.evoucher_breaker_max_wait_s
-        if settings.evoucher_breaker_when_open == "wait" and settings.evoucher_breaker_failures
-        else 0.0,
-        settings.epin_breaker_max_wait_s
-        if settings.epin_breaker_when_open == "wait" and settings.epin_breaker_failures
-        else 0.0,
-    ]
-    return max(waits)
 
 
 def _text_safe(value: bytes | None) -> bytes:
@@ -164,16 +137,6 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-@dataclass
-class Lane:
-    """One domain's way through the service: its topics, command types and moving parts."""
-
-    name: str  # "pos" or "coupon"
-    topics: Topics
-    command_types: Mapping[str, type[BaseModel]]
-    pipeline: CommandPipeline
-
-
 class Service:
     """The running parts of one voucher-bridge instance."""
 
@@ -182,102 +145,26 @@ class Service:
         # Armed by `voucher-bridge run` (the process's own stop), not where a Service is
         # embedded, e.g. in a test's process.
         self.stop_watchdog: StopWatchdog | None = None
-        # One TLS context for the producer and the connection check, so the check sees what
-        # the producer will (FastStream's clients get their own, from the same files).
-        self._connection = connection_args(settings)
-        self.producer = RecordProducer(**self._connection)
+        self.runtime = CommandRuntime(settings)
+        # With more than one worker, the commands run in worker processes (workers/pool.py);
+        # started with the Kafka parts.
+        self.worker_count = worker_count(settings.workers)
+        self.workers: WorkerPool | None = None
+        # Its parts, by the names the rest of the service (and its tests) know them by.
+        self._connection = self.runtime.connection
+        self.producer = self.runtime.producer
+        self.store = self.runtime.store
+        self.sessions = self.runtime.sessions
+        self.evoucher = self.runtime.evoucher
+        self.epin = self.runtime.epin
+        self.bills = self.runtime.bills
+        self.once = self.runtime.once
+        self.lanes = self.runtime.lanes
+        self._by_topic = self.runtime.by_topic
         # Why the cluster does not take this client, while it does not (readiness says it).
         self._kafka_problems = ProblemLog()
         self._kafka_parts_started = False  # producer, store instance, start-up guard
         self._stopping = False
-        self.store = open_store(
-            settings.idempotency_store_url.get_secret_value(), settings.store_timeout_s
-        )
-        self.sessions = StoreSessions(self.store)
-        self.evoucher = EvoucherClient(
-            settings.evoucher_base_url,
-            settings.evoucher_terminals,
-            self.sessions,
-            connect_timeout_s=settings.evoucher_connect_timeout_s,
-            read_timeout_s=settings.evoucher_read_timeout_s,
-            max_connections=settings.evoucher_max_connections,
-            guard=guard_from_settings(settings, "evoucher"),
-        )
-        self.epin = EpinClient(
-            settings.epin_base_url or "http://epin.invalid/",
-            settings.epin_api_key if settings.epin_base_url else None,
-            {
-                name: Credentials(account.username, account.password)
-                for name, account in settings.epin_accounts.items()
-            },
-            refresh_path=settings.epin_refresh_path,
-            connect_timeout_s=settings.epin_connect_timeout_s,
-            read_timeout_s=settings.epin_read_timeout_s,
-            max_connections=settings.epin_max_connections,
-            max_pages=settings.epin_max_pages,
-            guard=guard_from_settings(settings, "epin"),
-        )
-        # The eVOUCHER client makes its own client spans (evoucher.client, the hot path).
-        HTTPXClientInstrumentor().instrument_client(self.epin._http)
-        retry = RetryPolicy(
-            attempts=settings.upstream_retry_attempts,
-            base_delay_s=settings.upstream_retry_base_delay_s,
-            max_delay_s=settings.upstream_retry_max_delay_s,
-        )
-        self.bills = StoreBills(self.store)
-        pos_handler = PosCommandHandler(
-            self.evoucher,
-            retry,
-            apply_grace_s=settings.evoucher_apply_grace_s,
-            settle_window_s=settings.settle_window_s,
-            bills=self.bills,
-            terminal_stores=settings.terminal_stores,
-        )
-        coupon_handler = CouponCommandHandler(
-            self.epin,
-            retry,
-            apply_grace_s=settings.epin_apply_grace_s,
-            settle_window_s=settings.epin_settle_window_s,
-            show_pins=settings.coupon_result_pins == "shown",
-        )
-        self.once = ExactlyOnce(
-            self.store,
-            RoutedHandler(
-                {
-                    **dict.fromkeys(POS_COMMAND_TYPES, pos_handler),
-                    **dict.fromkeys(COUPON_COMMAND_TYPES, coupon_handler),
-                }
-            ),
-            Timing(
-                heartbeat_interval_s=settings.instance_heartbeat_s,
-                stale_after_s=settings.instance_stale_after_s,
-                settle_interval_s=settings.settle_interval_s,
-                retention_s=settings.idempotency_retention_s,
-                purge_interval_s=settings.idempotency_purge_interval_s,
-                command_timeout_s=settings.command_timeout_s,
-                store_timeout_s=settings.store_timeout_s,
-                upstream_wait_s=_upstream_wait_s(settings),
-            ),
-        )
-        self.lanes = [
-            self._lane(
-                "pos",
-                Topics(
-                    settings.pos_commands_topic, settings.pos_results_topic, settings.pos_dlq_topic
-                ),
-                POS_COMMAND_TYPES,
-            ),
-            self._lane(
-                "coupon",
-                Topics(
-                    settings.coupon_commands_topic,
-                    settings.coupon_results_topic,
-                    settings.coupon_dlq_topic,
-                ),
-                COUPON_COMMAND_TYPES,
-            ),
-        ]
-        self._by_topic = {lane.topics.commands: lane for lane in self.lanes}
         # One consumer for both command topics: one group member, one rebalance. Its
         # dispatcher keeps records apart per partition and key, so a till and an account
         # never wait for each other.
@@ -300,10 +187,9 @@ class Service:
         self.broker = self._broker()
 
     def _on_rebalance(self) -> None:
-        # Another instance may have had a till's partition (and renewed its session, moved
-        # its bill on).
-        self.sessions.forget()
-        self.bills.forget()
+        self.runtime.forget()
+        if self.workers is not None:
+            self.workers.forget()
         # A member may have joined with a store of its own (two started at once, each with
         # the default SQLite file, both passed the start-up check): look again.
         if self._group_watch is None or self._group_watch.done():
@@ -336,22 +222,11 @@ class Service:
         known = await self.store.known_instances(instances)
         return members_of_other_stores(client_ids, known), unnamed_members(client_ids)
 
-    def _lane(
-        self, name: str, topics: Topics, command_types: Mapping[str, type[BaseModel]]
-    ) -> Lane:
-        pipeline = CommandPipeline(
-            topics,
-            command_types,
-            self.once,
-            self.producer,
-            group_id=self.settings.kafka_group_id,
-            max_record_bytes=self.settings.max_record_bytes,
-            max_result_bytes=self.settings.max_result_bytes,
-        )
-        return Lane(name, topics, command_types, pipeline)
-
     async def _process(self, record: Record) -> None:
-        await self._by_topic[record.topic].pipeline.process(record)
+        if self.workers is not None:
+            await self.workers.process(record)
+        else:
+            await self.runtime.process(record)
 
     def _broker(self) -> KafkaBroker:
         settings = self.settings
@@ -453,15 +328,19 @@ class Service:
     async def _start_kafka_parts(self) -> None:
         """The producer, this instance in the store and the start-up guard, before consuming.
         A refused start stops what it started: no shutdown hooks run after a failed start."""
-        await self.producer.start()
-        await self.once.start(
-            self._publish_superseding,
-            self.dispatcher.submit_job,
-            self.dispatcher.owned_partitions,
-        )
+        await self.runtime.start(self.dispatcher.submit_job, self.dispatcher.owned_partitions)
         self._kafka_parts_started = True
         try:
             await self._guard_forgetting()
+            if self.worker_count > 1:
+                workers = WorkerPool(
+                    self.settings,
+                    self.worker_count,
+                    in_process=self.runtime.process,
+                    retire=self.store.retire,
+                )
+                await workers.start()
+                self.workers = workers
         except BaseException:
             await self._stop_kafka_parts()
             raise
@@ -471,8 +350,11 @@ class Service:
         # the shutdown hooks too; a cluster that never took this client started nothing.
         if self._kafka_parts_started:
             self._kafka_parts_started = False
-            await self.once.stop()
-        await self.producer.stop()
+            if self.workers is not None:
+                await self.workers.stop()
+            await self.runtime.stop()
+        else:
+            await self.producer.stop()
 
     async def _guard_forgetting(self) -> None:
         """Refuse to start where the store cannot remember for the whole group (see guards).
@@ -521,12 +403,6 @@ class Service:
         gc.collect()
         gc.freeze()
 
-    async def _publish_superseding(
-        self, record_key: bytes | None, command: CommandEnvelope, answered: Answered
-    ) -> None:
-        lane = next(lane for lane in self.lanes if command.type in lane.command_types)
-        await lane.pipeline.publish_result(record_key, command, answered)
-
     async def readiness(self) -> dict[str, Any]:
         """What an orchestrator needs to know before counting on this instance: each part,
         and why one is false. Asked by the health server, on the service's loop."""
@@ -545,6 +421,8 @@ class Service:
             "assigned": self.dispatcher.rebalanced and self.dispatcher.assigned_count > 0,
             "consuming": bool(self.subscriber.running),
         }
+        if self.worker_count > 1:
+            checks["workers"] = self.workers is not None and self.workers.ready()
         draining = self.dispatcher.closing or self._stopping
         report: dict[str, Any] = {
             "ready": all(checks.values()) and not draining,
@@ -592,8 +470,7 @@ class Service:
         if self._console is not None:
             await self._console.close()
         await self._stop_kafka_parts()
-        await self.evoucher.aclose()
-        await self.epin.aclose()
+        await self.runtime.aclose_clients()
         if self.stop_watchdog is not None:
             self.stop_watchdog.cancel()
 
@@ -611,7 +488,7 @@ class Service:
                 lanes=self.lanes,
                 producer=self.producer,
                 reader=DeadLetterReader(self._connection),
-                publish=self._publish_superseding,
+                publish=self.runtime.publish_superseding,
                 limits=console_limits(self.settings),
                 live=self._console_live,
                 instance=self.once.instance,
@@ -621,21 +498,31 @@ class Service:
     async def _console_live(self) -> dict[str, Any]:
         """What only a running instance knows, for the console's overview."""
         upstreams = []
+        workers = self.workers
         for name, client in (("evoucher", self.evoucher), ("epin", self.epin)):
             breaker = client.guard.breaker
-            recent = metrics.recent_requests.get(name)
-            minutes = recent.per_minute()[-5:] if recent is not None else []
+            state = breaker.state.name.lower() if breaker is not None else "off"
+            if workers is not None:
+                # The workers make the calls: the worst of their circuits (and this
+                # process's, which settling uses) is the upstream's.
+                states = [state, *workers.breaker_states(name)]
+                state = min(states, key=_BREAKER_ORDER.index)
+            recent = metrics.recent_requests.get(name) or metrics.Recent()
+            also = workers.recent("requests", name) if workers is not None else []
+            minutes = recent.per_minute(also=also)[-5:]
             ok = sum(m[1].get("ok", 0) for m in minutes)
             errors = sum(m[1].get("error", 0) for m in minutes)
             upstreams.append(
                 {
                     "name": name,
-                    "breaker": breaker.state.name.lower() if breaker is not None else "off",
+                    "breaker": state,
                     "requests": ok + errors,
                     "error_rate": errors / (ok + errors) if ok + errors else 0.0,
                 }
             )
-        per_minute = metrics.recent_outcomes.per_minute()
+        per_minute = metrics.recent_outcomes.per_minute(
+            also=workers.recent("outcomes") if workers is not None else []
+        )
         outcomes = [
             {"at": f"{datetime.fromtimestamp(at, UTC):%H:%M}", "counts": counts}
             for at, counts in per_minute
@@ -739,6 +626,10 @@ class Service:
             on_shutdown=[self.on_shutdown],
             after_shutdown=[self.after_shutdown],
         )
+
+
+# Circuit states, the worst first.
+_BREAKER_ORDER = ["open", "half_open", "closed", "off"]
 
 
 def console_limits(settings: Settings) -> Limits:

@@ -6,7 +6,7 @@ on `/metrics`, OTLP where configured)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,12 @@ records_abandoned = _meter.create_counter(
     "voucher_bridge.records.abandoned",
     unit="{record}",
     description="Records given up after every way to answer them failed (a bug: page on it).",
+)
+workers_lost = _meter.create_counter(
+    "voucher_bridge.workers.lost",
+    unit="{process}",
+    description="Worker processes that died (or stopped answering) and were started again; "
+    "their records went on through the store in the replacement.",
 )
 lanes_restarted = _meter.create_counter(
     "voucher_bridge.lanes.restarted",
@@ -213,24 +219,36 @@ class Recent:
     upstream error rates): the exporters keep totals, not a window an operator can read."""
 
     def __init__(self, minutes: int = 15) -> None:
-        self._minutes = minutes
+        self.minutes = minutes
         self._counts: dict[int, dict[str, int]] = {}
 
     def add(self, label: str, now: float | None = None) -> None:
         minute = int((time.time() if now is None else now) // 60)
         bucket = self._counts.setdefault(minute, {})
         bucket[label] = bucket.get(label, 0) + 1
-        if len(self._counts) > self._minutes + 1:
-            for old in sorted(self._counts)[: -self._minutes - 1]:
+        if len(self._counts) > self.minutes + 1:
+            for old in sorted(self._counts)[: -self.minutes - 1]:
                 del self._counts[old]
 
-    def per_minute(self, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
-        """The last `minutes` minutes, oldest first: (minute start, epoch s; counts)."""
+    def per_minute(
+        self, now: float | None = None, also: Iterable[Mapping[int, Mapping[str, int]]] = ()
+    ) -> list[tuple[int, dict[str, int]]]:
+        """The last `minutes` minutes, oldest first: (minute start, epoch s; counts), with
+        the counts of `also` (worker processes' snapshots) added in."""
         minute = int((time.time() if now is None else now) // 60)
-        return [
-            (m * 60, dict(self._counts.get(m, {})))
-            for m in range(minute - self._minutes + 1, minute + 1)
-        ]
+        others = list(also)
+        found = []
+        for m in range(minute - self.minutes + 1, minute + 1):
+            counts = dict(self._counts.get(m, {}))
+            for other in others:
+                for label, n in other.get(m, {}).items():
+                    counts[label] = counts.get(label, 0) + n
+            found.append((m * 60, counts))
+        return found
+
+    def snapshot(self) -> dict[int, dict[str, int]]:
+        """The counts as they stand (a worker process sends them to its service)."""
+        return {m: dict(counts) for m, counts in self._counts.items()}
 
 
 # Outcomes of commands answered, and each upstream's requests by how they went ("ok",

@@ -295,23 +295,31 @@ class ExactlyOnce:
         publish_superseding: PublishSuperseding,
         schedule: ScheduleJob | None = None,
         owned: OwnedPartitions | None = None,
+        *,
+        background: bool = True,
     ) -> None:
         """`schedule`: how settling jobs get into their key's lane, and `owned` the partitions
         this instance has now (None: jobs run in the settling loop itself, for any partition,
-        as in a test with no dispatcher)."""
+        as in a test with no dispatcher). `background=False` (a worker process, whose service
+        settles, purges and counts for it): the heartbeat only."""
         self._schedule = schedule
         self._owned = owned
         await self.store.open()
         await self.store.heartbeat(self.instance)
         self._store_answered_at = time.monotonic()
-        try:
-            await self._count_unsettled()  # the gauges have a value from the start
-        except Exception as exc:
-            log.warning("could not count the unsettled results (%s)", type(exc).__name__)
+        if background:
+            try:
+                await self._count_unsettled()  # the gauges have a value from the start
+            except Exception as exc:
+                log.warning("could not count the unsettled results (%s)", type(exc).__name__)
         self._tasks = [
             asyncio.create_task(
                 self._every("heartbeat", self._timing.heartbeat_interval_s, self._beat)
-            ),
+            )
+        ]
+        if not background:
+            return
+        self._tasks += [
             asyncio.create_task(
                 self._every(
                     "settling",

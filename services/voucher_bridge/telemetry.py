@@ -19,9 +19,11 @@ the configured propagators add theirs beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
@@ -29,12 +31,19 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
     MetricReader,
+    MetricsData,
     PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
@@ -65,7 +74,15 @@ def configure_metrics() -> CollectorRegistry:
         return _registry
     os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
     _registry = CollectorRegistry()
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=_registry)]
+    readers: list[MetricReader] = [_ServiceMetricReader(registry=_registry)]
+    metrics.set_meter_provider(
+        MeterProvider(resource=Resource.create(), metric_readers=readers + _exporting_readers())
+    )
+    return _registry
+
+
+def _exporting_readers() -> list[MetricReader]:
+    readers: list[MetricReader] = []
     names = _exporter_names("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
     for name in [] if _sdk_disabled() else names:
         if name == "otlp" and _otlp_protocol("METRICS") == "grpc":
@@ -80,8 +97,110 @@ def configure_metrics() -> CollectorRegistry:
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         elif name == "console":
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
-    metrics.set_meter_provider(MeterProvider(resource=Resource.create(), metric_readers=readers))
-    return _registry
+    return readers
+
+
+# What a worker process forwards of its metrics: per instrumentation scope, its name, version
+# and metrics (a Resource or a scope holds a lock, and does not pickle; the service's own stand
+# in for them).
+ForwardedMetrics = list[tuple[str, str | None, list[Metric]]]
+
+# Where the service finds its worker processes' latest metrics (set by workers.WorkerPool):
+# by worker (its index as text), each cumulative since that process started.
+worker_metrics: Callable[[], Mapping[str, ForwardedMetrics]] | None = None
+WORKER_ATTRIBUTE = "voucher_bridge.worker"
+
+
+class _ServiceMetricReader(PrometheusMetricReader):
+    """The Prometheus reader, serving the worker processes' metrics beside the service's own.
+
+    Hand-made because neither the SDK nor its Prometheus exporter merges metrics from other
+    processes. With workers, every series gets a `voucher_bridge_worker` label (the worker's
+    index, or `service` for the service process's own), so none is served twice; `sum
+    without (voucher_bridge_worker)` gives the instance's figure.
+    """
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        forwarded = worker_metrics() if worker_metrics is not None else {}
+        if metrics_data is None or not forwarded:
+            super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+            return
+        resource = metrics_data.resource_metrics[0].resource
+        own: ForwardedMetrics = [
+            (scoped.scope.name, scoped.scope.version, list(scoped.metrics))
+            for resource_metrics in metrics_data.resource_metrics
+            for scoped in resource_metrics.scope_metrics
+        ]
+        scopes = [
+            ScopeMetrics(
+                InstrumentationScope(name, version),
+                [_labelled(metric, worker) for metric in found],
+                "",
+            )
+            for worker, batch in [("service", own), *sorted(forwarded.items())]
+            for name, version, found in batch
+        ]
+        super()._receive_metrics(
+            MetricsData([ResourceMetrics(resource, scopes, "")]), timeout_millis, **kwargs
+        )
+
+
+def _labelled(metric: Metric, worker: str) -> Metric:
+    data: Any = metric.data
+    points = [
+        dataclasses.replace(
+            point, attributes={**(point.attributes or {}), WORKER_ATTRIBUTE: worker}
+        )
+        for point in data.data_points
+    ]
+    return dataclasses.replace(metric, data=dataclasses.replace(data, data_points=points))
+
+
+class _ForwardingExporter(MetricExporter):
+    """A worker's metrics to its service (which serves them, `_ServiceMetricReader`)."""
+
+    def __init__(self, forward: Callable[[ForwardedMetrics], None]) -> None:
+        super().__init__()
+        self._forward = forward
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        self._forward(
+            [
+                (scoped.scope.name, scoped.scope.version, list(scoped.metrics))
+                for resource_metrics in metrics_data.resource_metrics
+                for scoped in resource_metrics.scope_metrics
+            ]
+        )
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        return None
+
+
+def configure_worker_metrics(
+    forward: Callable[[ForwardedMetrics], None], interval_s: float = 2.0
+) -> MeterProvider:
+    """A worker process's meter provider: its metrics go to the service every `interval_s`
+    (and to the OTLP or console exporters named, as the service's do)."""
+    os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+    provider = MeterProvider(
+        resource=Resource.create(),
+        metric_readers=[
+            PeriodicExportingMetricReader(
+                _ForwardingExporter(forward), export_interval_millis=interval_s * 1000
+            ),
+            *_exporting_readers(),
+        ],
+    )
+    metrics.set_meter_provider(provider)
+    return provider
 
 
 _registry: CollectorRegistry | None = None

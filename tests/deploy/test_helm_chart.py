@@ -246,7 +246,7 @@ def test_typed_settings_and_the_free_config_map(render: Callable[..., Rendered])
                 "topics": {"posCommands": "prod.pos.commands"},
             },
             "epin": {"baseUrl": "https://epin.example/api/v1"},
-            "processing": {"maxInFlight": 500, "commandTimeoutSeconds": 90.5},
+            "processing": {"maxInFlight": 500, "commandTimeoutSeconds": 90.5, "workers": 3},
             "otel": {"exporterOtlpEndpoint": "http://otel-collector:4318"},
             "logLevel": "DEBUG",
             "config": {
@@ -264,6 +264,7 @@ def test_typed_settings_and_the_free_config_map(render: Callable[..., Rendered])
     assert config["POS_RESULTS_TOPIC"] == "pos.results"
     assert config["EPIN_BASE_URL"] == "https://epin.example/api/v1"
     assert config["MAX_IN_FLIGHT"] == "500"
+    assert config["WORKERS"] == "3"
     assert config["COMMAND_TIMEOUT_S"] == "90.5"
     assert config["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert config["LOG_LEVEL"] == "DEBUG"

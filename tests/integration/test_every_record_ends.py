@@ -136,7 +136,7 @@ async def test_complete_failing_once_leaves_no_claim_behind(stack: Any) -> None:
     s: Stack = await stack()
     till = s.terminal()
     async with (
-        s.service() as service,
+        s.service(workers=1) as service,  # its own parts are patched
         CommandProducer(s.bootstrap, s.commands) as producer,
         ResultReader(s.bootstrap, s.results) as reader,
     ):
@@ -161,7 +161,7 @@ async def test_a_lane_task_killed_mid_command_is_resumed_within_seconds(stack: A
     till = s.terminal()
     s.sandbox.faults(latency_ms=1500, routes=["bill_total_api"])
     async with (
-        s.service() as service,
+        s.service(workers=1) as service,  # its own parts are patched
         CommandProducer(s.bootstrap, s.commands) as producer,
         ResultReader(s.bootstrap, s.results) as reader,
     ):

@@ -115,6 +115,7 @@ async def test_pos_commands_fail_fast_while_the_evoucher_api_is_down(stack: Any,
 
     async with (
         s.service(
+            workers=1,  # it looks at the breaker in this process
             evoucher_base_url=switch.url,
             evoucher_breaker_failures=3,
             evoucher_breaker_open_s=open_s,
@@ -244,6 +245,7 @@ async def test_coupon_commands_wait_while_the_epin_api_refuses_connections_then_
     rps, burst, command_timeout_s = 5.0, 2, 5.0
     async with (
         s.service(
+            workers=1,  # it looks at the breaker in this process
             epin_base_url=switch.url + "/api/v1",
             epin_breaker_failures=2,
             epin_breaker_open_s=1,

@@ -123,6 +123,7 @@ and `extraEnv`, where they would be shadowed or would shadow silently.
   "EVOUCHER_BASE_URL" "evoucher.baseUrl"
   "EPIN_BASE_URL" "epin.baseUrl"
   "MAX_IN_FLIGHT" "processing.maxInFlight"
+  "WORKERS" "processing.workers"
   "COMMAND_TIMEOUT_S" "processing.commandTimeoutSeconds"
   "LOG_LEVEL" "logLevel"
   "OTEL_SERVICE_NAME" "otel.serviceName"
@@ -157,6 +158,7 @@ and `extraEnv`, where they would be shadowed or would shadow silently.
   "EVOUCHER_BASE_URL" $v.evoucher.baseUrl
   "EPIN_BASE_URL" $v.epin.baseUrl
   "MAX_IN_FLIGHT" $v.processing.maxInFlight
+  "WORKERS" $v.processing.workers
   "COMMAND_TIMEOUT_S" $v.processing.commandTimeoutSeconds
   "LOG_LEVEL" $v.logLevel
   "OTEL_SERVICE_NAME" $v.otel.serviceName

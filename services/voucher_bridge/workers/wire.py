@@ -1,0 +1,57 @@
+"""What the service and its worker processes say to each other, over one Unix socket pair.
+
+Each message is a pickled tuple behind a 4-byte length. Pickle, not JSON: both ends are this
+package's own code in one container (the socket is inherited, never listened on), and records
+are bytes (keys, values, headers) that JSON would have to re-encode on the hot path.
+
+From the service: ("settings", Settings, index, count) once, first; ("run", seq, record);
+("forget",) after a rebalance; ("stop",).
+From a worker: ("ready", instance); ("done", seq); ("failed", seq, detail) when processing
+raised (a bug: the dispatcher tries again, as for the in-process pipeline);
+("metrics", [(scope name, scope version, [Metric, ...]), ...]) every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_LENGTH = struct.Struct(">I")
+
+# The worker's end of the socket pair, as an inherited file descriptor.
+FD_VARIABLE = "VOUCHER_BRIDGE_WORKER_FD"
+
+
+@dataclass(frozen=True, slots=True)
+class WireRecord:
+    """A Kafka record as a worker gets it (the fields `kafka.records.Record` reads)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+def frame(message: tuple[Any, ...]) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
+    """The next message; None when the other end has gone (end of stream)."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+        (length,) = _LENGTH.unpack(head)
+        body = await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    message = pickle.loads(body)
+    assert isinstance(message, tuple)
+    return message
