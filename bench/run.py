@@ -62,7 +62,11 @@ from voucher_sandboxes.localstack import Process, free_port, start_sandbox, star
 ROOT = Path(__file__).resolve().parents[1]
 
 VB, PEER, NAIVE, BARE = "voucher-bridge", "parallel-consumer", "naive", "bare"
-SYSTEMS = (VB, PEER, NAIVE, BARE)
+# voucher-bridge as shipped (WORKERS unset: in-process on 2 cores) and with two worker
+# processes (WORKERS=2): the gain, or the cost, of the second core for one partition.
+VB_WORKERS = "vb-2-workers"
+SYSTEMS = (VB, VB_WORKERS, PEER, NAIVE, BARE)
+VOUCHER_BRIDGES = (VB, VB_WORKERS)
 # The peer's KEY-ordered concurrency (Parallel Consumer's maxConcurrency: worker threads, each
 # making its call with a blocking HttpClient.send, so up to as many connections).
 PEER_MAX_CONCURRENCY = 100
@@ -310,7 +314,8 @@ class CpuMeter:
         busy_s, total_s = busy - self._machine[0], max(total - self._machine[1], 1e-9)
         wall_s = total_s / (os.cpu_count() or 1)
         per_command = {k: v * 1000 / max(commands, 1) for k, v in used_s.items()}
-        others = max(0.0, busy_s - sum(used_s.values())) / wall_s
+        # "consumer" is a part of "system", not counted twice.
+        others = max(0.0, busy_s - sum(v for k, v in used_s.items() if k != "consumer")) / wall_s
         return per_command, busy_s / total_s, others
 
     def _cpu(self, name: str, pid: int) -> float | None:
@@ -465,15 +470,15 @@ class System:
         self.sandbox_url = sandbox_url
         self.partitions = partitions
         self.workdir = workdir
-        tag = {VB: "vb", PEER: "pc", NAIVE: "naive", BARE: "bare"}[name]
+        tag = {VB: "vb", VB_WORKERS: "vbw", PEER: "pc", NAIVE: "naive", BARE: "bare"}[name]
         self.commands = unique_topic(f"bench.{tag}.p{partitions}.commands")
         self.results = self.commands.replace(".commands-", ".results-")
         self.extra_topics: list[str] = []
-        if name == VB:
+        if name in VOUCHER_BRIDGES:
             suffix = self.commands.rsplit("-", 1)[1]
             self.extra_topics = [
-                f"bench.vb.p{partitions}.coupon.commands-{suffix}",
-                f"bench.vb.p{partitions}.coupon.results-{suffix}",
+                f"bench.{tag}.p{partitions}.coupon.commands-{suffix}",
+                f"bench.{tag}.p{partitions}.coupon.results-{suffix}",
             ]
         self.group = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
         self.log = workdir / f"{tag}-p{partitions}.log"
@@ -490,7 +495,7 @@ class System:
         )
         await self.reader.start()
         tokens = json.dumps(terminals())
-        if self.name == VB:
+        if self.name in VOUCHER_BRIDGES:
             store = self.workdir / f"store-p{self.partitions}.sqlite3"
             env = {
                 "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
@@ -505,6 +510,8 @@ class System:
                 "IDEMPOTENCY_STORE_URL": f"sqlite:///{store}",
                 "LOG_LEVEL": "WARNING",
             }
+            if self.name == VB_WORKERS:
+                env["WORKERS"] = "2"
             self.process = start_service(env, self.log)
             return
         env = {
@@ -607,6 +614,10 @@ class Bench:
         meter = CpuMeter(
             {
                 "system": system.process.popen.pid if system.process else None,
+                # voucher-bridge's own process (without its workers): the consumer's part.
+                "consumer": system.process.popen.pid
+                if system.process and system.name in VOUCHER_BRIDGES
+                else None,
                 "sandbox": self.sandbox_pid,
                 "broker": self.broker_pid,
                 "bench": os.getpid(),
@@ -714,7 +725,7 @@ class Bench:
                     )
                     if target and name == VB and run.status == "ok":
                         vb_max = run.throughput
-                    if target and name in (VB, PEER, BARE) and vb_max and not failed:
+                    if target and name in (*VOUCHER_BRIDGES, PEER, BARE) and vb_max and not failed:
                         # The latency target: half of voucher-bridge's maximum rate here, after
                         # a pause that lets the burst's after-effects (commits, a garbage
                         # collection) pass, so that it measures the steady state.
@@ -966,6 +977,34 @@ def targets(runs: list[Run]) -> list[Target]:
         )
     else:
         found.append(Target(name, None, "not measured"))
+    # 7. What the second worker process gives for one partition, and what the consumer process
+    # (the part that does not spread over workers) costs per record: stated, not a pass/fail.
+    name = f"7. 2 workers against 1 at {where.label}"
+    two = burst(VB_WORKERS, where)
+    if vb and two:
+        own = two.cpu_ms_per_command.get("consumer")
+        two_cpu = two.cpu_ms_per_command.get("system")
+        one_cpu = vb.cpu_ms_per_command.get("system")
+        found.append(
+            Target(
+                name,
+                None,
+                f"{two.throughput / vb.throughput:.2f}x throughput ({two.throughput:,.0f}/s vs "
+                f"{vb.throughput:,.0f}/s), CPU per command {_fmt(two_cpu, 2)} vs "
+                f"{_fmt(one_cpu, 2)} ms, of which the consumer process {_fmt(own, 2)} ms",
+                {
+                    "ratio": two.throughput / vb.throughput,
+                    "one_worker": vb.throughput,
+                    "two_workers": two.throughput,
+                    "consumer_cpu_ms": own,
+                    "cpu_ms_two": two_cpu,
+                    "cpu_ms_one": one_cpu,
+                },
+                disturbed(vb) or disturbed(two),
+            )
+        )
+    else:
+        found.append(Target(name, None, "not measured"))
     return found
 
 
@@ -984,7 +1023,13 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     shown = [s for s in SYSTEMS if any(r.system == s and r.status == "ok" for r in bursts)]
     width = 0.8 / max(len(shown), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(scenarios) + 2), 4.8))
-    colours = {VB: "#1f77b4", PEER: "#ff7f0e", NAIVE: "#d62728", BARE: "#7f7f7f"}
+    colours = {
+        VB: "#1f77b4",
+        VB_WORKERS: "#17becf",
+        PEER: "#ff7f0e",
+        NAIVE: "#d62728",
+        BARE: "#7f7f7f",
+    }
     for k, system in enumerate(shown):
         values = []
         for s in scenarios:
@@ -1104,6 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
     print("Targets (checked here, not by timed tests):")
     for t in found:
         verdict = {True: "PASS", False: "FAIL", None: "N/A "}[t.passed]
+        if t.passed is None and t.measured != "not measured":
+            verdict = "INFO"
         note = " (* a run it rests on was disturbed: rerun)" if t.disturbed else ""
         print(f"  {verdict}  {t.name}: {t.measured}{note}")
     print()
