@@ -338,6 +338,8 @@ class Service:
                     self.worker_count,
                     in_process=self.runtime.process,
                     retire=self.store.retire,
+                    # As the service's own loop is judged (the liveness probe).
+                    silent_after_s=self.settings.liveness_loop_blocked_s,
                 )
                 await workers.start()
                 self.workers = workers

@@ -90,6 +90,9 @@ class _Worker:
         self.lost = False
         self.replaced = asyncio.Event()  # set once a successor has taken its place
         self.reading: asyncio.Task[None] | None = None
+        # When it last said anything (monotonic): it reports its metrics every 2 s from its
+        # event loop, so a silent worker is one whose loop is stuck.
+        self.heard = time.monotonic()
 
     def send(self, message: tuple[object, ...]) -> None:
         if self.writer is None or self.writer.is_closing():
@@ -107,7 +110,9 @@ class WorkerPool:
         retire: Callable[[str], Awaitable[None]],
         max_losses: int = 2,
         start_timeout_s: float = 60.0,
-        stop_timeout_s: float = 30.0,
+        # After the drain a worker runs nothing: it stops its producer and store connection.
+        stop_timeout_s: float = 10.0,
+        silent_after_s: float = 30.0,
     ) -> None:
         self._settings = settings
         self.count = count
@@ -116,11 +121,14 @@ class WorkerPool:
         self._max_losses = max_losses
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
+        self._silent_after_s = silent_after_s
         self._workers: list[_Worker] = []
         self._seq = itertools.count()
         self._generations = itertools.count()
         self._closing = False
         self._replacing: set[asyncio.Task[None]] = set()
+        self._watching: asyncio.Task[None] | None = None
+        self._start_delay = [0.25] * count  # before a worker is started again (backoff)
         self._metrics: dict[str, telemetry.ForwardedMetrics] = {}
         # Each worker process's last `worker.live` (recent outcomes and requests, circuit
         # states), by generation: a dead one's counts stay in the console's last minutes.
@@ -140,10 +148,13 @@ class WorkerPool:
             await self.stop()
             raise
         log.info("%d worker processes ready", self.count)
+        self._watching = asyncio.create_task(self._watch(), name="worker-watch")
 
     async def stop(self) -> None:
         """Stop every worker (what each runs finishes first), bounded; kill what is left."""
         self._closing = True
+        if self._watching is not None:
+            self._watching.cancel()
         for task in list(self._replacing):
             task.cancel()
         for worker in self._workers:
@@ -187,6 +198,28 @@ class WorkerPool:
             for w in self._workers
             if (live := self._live.get(w.generation)) is not None
         ]
+
+    async def _watch(self) -> None:
+        """Kill a worker whose event loop has said nothing for `silent_after_s` (blocked, or
+        stuck in a call that never yields): its records then go on in its replacement, as a
+        crash's would, rather than waiting for ever."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for worker in self._workers:
+                process = worker.process
+                silent = now - worker.heard
+                if worker.lost or not worker.ready.done() or process is None:
+                    continue
+                if silent > self._silent_after_s and process.returncode is None:
+                    log.error(
+                        "worker %d (pid %d) has said nothing for %.0f s: killing it",
+                        worker.index,
+                        process.pid,
+                        silent,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()  # its socket closes: replaced as a crash would be
 
     def _forget_old_live(self) -> None:
         """Drop the counts of dead workers that are older than any the console shows."""
@@ -307,6 +340,7 @@ class WorkerPool:
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         while (message := await wire.read_message(reader)) is not None:
+            worker.heard = time.monotonic()
             kind = message[0]
             if kind == "done":
                 if (done := worker.pending.get(message[1])) is not None and not done.done():
@@ -322,13 +356,6 @@ class WorkerPool:
                 if not worker.ready.done():
                     worker.ready.set_result(None)
         if not self._closing:
-            code = worker.process.returncode if worker.process else None
-            log.error(
-                "worker %d (pid %s) has gone (exit %s)",
-                worker.index,
-                worker.process.pid if worker.process else "?",
-                code,
-            )
             metrics.workers_lost.add(1)
             task = asyncio.create_task(self._replace(worker))
             self._replacing.add(task)
@@ -361,6 +388,20 @@ class WorkerPool:
 
     async def _replace(self, worker: _Worker) -> None:
         await self._ended(worker, "died")
+        process = worker.process
+        log.error(
+            "worker %d (pid %s) has gone (exit %s); starting another",
+            worker.index,
+            process.pid if process else "?",
+            process.returncode if process else "?",
+        )
+        if worker.instance is None:
+            # It died before it was ready (its store or broker refused it, say): the next one
+            # waits, longer each time, rather than being started in a tight loop.
+            self._start_delay[worker.index] = min(10.0, 2 * self._start_delay[worker.index])
+            await asyncio.sleep(self._start_delay[worker.index])
+        else:
+            self._start_delay[worker.index] = 0.25
         delay = 0.5
         while not self._closing:
             successor = _Worker(worker.index, next(self._generations))

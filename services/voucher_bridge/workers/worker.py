@@ -142,7 +142,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [worker %(process)d]: %(message)s",
     )
     sock = socket.socket(fileno=int(os.environ[wire.FD_VARIABLE]))
     uvloop.run(serve(sock))
