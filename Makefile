@@ -64,10 +64,11 @@ test-unit: sync
 
 # The integration tests start the local broker themselves when none runs (tests/support/kafka.py).
 # Then the guarantee tests again with two worker processes (WORKERS=2, workers/pool.py): the
-# crash, ordering, commit and revocation, every-record-ends and honest-outcome tests.
+# crash, ordering, commit and revocation, every-record-ends and honest-outcome tests, and the
+# ledger's (a till's bill across settling, which runs in the service's process).
 WORKER_TESTS = tests/integration/test_crash.py tests/integration/test_concurrency.py \
 	tests/integration/test_every_record_ends.py tests/integration/test_honest_outcomes.py \
-	tests/integration/test_exactly_once.py
+	tests/integration/test_exactly_once.py tests/integration/test_ledger.py
 test: lint
 	$(UV) run pytest -q
 	WORKERS=2 $(UV) run pytest -q $(WORKER_TESTS)

@@ -328,7 +328,7 @@ class Service:
     async def _start_kafka_parts(self) -> None:
         """The producer, this instance in the store and the start-up guard, before consuming.
         A refused start stops what it started: no shutdown hooks run after a failed start."""
-        await self.runtime.start(self.dispatcher.submit_job, self.dispatcher.owned_partitions)
+        await self.runtime.start(self._schedule_job, self.dispatcher.owned_partitions)
         self._kafka_parts_started = True
         try:
             await self._guard_forgetting()
@@ -346,6 +346,28 @@ class Service:
         except BaseException:
             await self._stop_kafka_parts()
             raise
+
+    def _schedule_job(
+        self, topic: str, partition: int, key: bytes | None, job: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """A settling job into its key's lane. It runs in this process, with this process's
+        clients and store. With workers, the key's sessions and bills move on in two
+        processes: this one forgets what it cached of tills before the job (a worker has moved
+        them on since), and the workers after it, before the key's next record reaches its
+        worker (the lane holds that record until the job is done, and both go down the
+        worker's one socket in that order)."""
+
+        async def settle_then_forget() -> None:
+            workers = self.workers
+            if workers is not None:
+                self.runtime.forget()
+            try:
+                await job()
+            finally:
+                if workers is not None:
+                    workers.forget()
+
+        return self.dispatcher.submit_job(topic, partition, key, settle_then_forget)
 
     async def _stop_kafka_parts(self) -> None:
         # Each at most once: a start refused after the broker's start began is followed by
