@@ -213,6 +213,10 @@ class Stack:
             "instance_heartbeat_s": 0.5,
             "instance_stale_after_s": 3.0,
             "settle_interval_s": 0.5,
+            # In-process instances run their commands in this process (they are looked into:
+            # spans, breakers, patched parts), unless WORKERS says otherwise (the Makefile's
+            # second pass); instances started as processes run as shipped (a worker per core).
+            "workers": int(os.environ.get("WORKERS", "1")),
         }
         values.update(overrides)
         return Settings(**values)

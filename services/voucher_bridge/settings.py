@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     # Processes that run the commands, so that one partition's keys use more than one core
     # (workers/pool.py); the consumer, the key-ordered dispatch and the commits stay in the
     # service's process. 1: the commands run in the service's own process. Unset: the cores
-    # this process may use, at most 4.
+    # this process may use (its CPU affinity, bounded by a cgroup's CPU quota), at most 4.
     workers: int | None = Field(default=None, ge=1, le=64)
     commit_interval_ms: int = Field(default=200, ge=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)

@@ -105,8 +105,9 @@ def _exporting_readers() -> list[MetricReader]:
 # in for them).
 ForwardedMetrics = list[tuple[str, str | None, list[Metric]]]
 
-# Where the service finds its worker processes' latest metrics (set by workers.WorkerPool):
-# by worker (its index as text), each cumulative since that process started.
+# Where the service finds its worker processes' metrics (set by workers.WorkerPool), by
+# worker (its index as text), each cumulative since that process started: asked for afresh
+# at each scrape (waiting a moment for the workers' answers), on the scrape's thread.
 worker_metrics: Callable[[], Mapping[str, ForwardedMetrics]] | None = None
 WORKER_ATTRIBUTE = "voucher_bridge.worker"
 
@@ -133,14 +134,22 @@ class _ServiceMetricReader(PrometheusMetricReader):
             for resource_metrics in metrics_data.resource_metrics
             for scoped in resource_metrics.scope_metrics
         ]
+        # One metric per scope and name, with every process's points: the exporter makes a
+        # family's labels from the first metric of a name it meets, so a second one with other
+        # attributes would have its values put under the wrong labels.
+        merged: dict[tuple[str, str | None], dict[str, Metric]] = {}
+        for worker, batch in [("service", own), *sorted(forwarded.items())]:
+            for name, version, found in batch:
+                by_name = merged.setdefault((name, version), {})
+                for metric in found:
+                    labelled = _labelled(metric, worker)
+                    earlier = by_name.get(metric.name)
+                    by_name[metric.name] = (
+                        labelled if earlier is None else _joined(earlier, labelled)
+                    )
         scopes = [
-            ScopeMetrics(
-                InstrumentationScope(name, version),
-                [_labelled(metric, worker) for metric in found],
-                "",
-            )
-            for worker, batch in [("service", own), *sorted(forwarded.items())]
-            for name, version, found in batch
+            ScopeMetrics(InstrumentationScope(name, version), list(by_name.values()), "")
+            for (name, version), by_name in merged.items()
         ]
         super()._receive_metrics(
             MetricsData([ResourceMetrics(resource, scopes, "")]), timeout_millis, **kwargs
@@ -156,6 +165,12 @@ def _labelled(metric: Metric, worker: str) -> Metric:
         for point in data.data_points
     ]
     return dataclasses.replace(metric, data=dataclasses.replace(data, data_points=points))
+
+
+def _joined(first: Metric, second: Metric) -> Metric:
+    data: Any = first.data
+    points = [*data.data_points, *second.data.data_points]
+    return dataclasses.replace(first, data=dataclasses.replace(data, data_points=points))
 
 
 class _ForwardingExporter(MetricExporter):
@@ -186,21 +201,19 @@ class _ForwardingExporter(MetricExporter):
 
 def configure_worker_metrics(
     forward: Callable[[ForwardedMetrics], None], interval_s: float = 2.0
-) -> MeterProvider:
-    """A worker process's meter provider: its metrics go to the service every `interval_s`
-    (and to the OTLP or console exporters named, as the service's do)."""
+) -> tuple[MeterProvider, MetricReader]:
+    """A worker process's meter provider: its metrics go to the service every `interval_s`,
+    and whenever the returned reader's `collect()` is called (the service's scrape asks);
+    and to the OTLP or console exporters named, as the service's do."""
     os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+    forwarding = PeriodicExportingMetricReader(
+        _ForwardingExporter(forward), export_interval_millis=interval_s * 1000
+    )
     provider = MeterProvider(
-        resource=Resource.create(),
-        metric_readers=[
-            PeriodicExportingMetricReader(
-                _ForwardingExporter(forward), export_interval_millis=interval_s * 1000
-            ),
-            *_exporting_readers(),
-        ],
+        resource=Resource.create(), metric_readers=[forwarding, *_exporting_readers()]
     )
     metrics.set_meter_provider(provider)
-    return provider
+    return provider, forwarding
 
 
 _registry: CollectorRegistry | None = None

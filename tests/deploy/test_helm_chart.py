@@ -223,6 +223,7 @@ def test_env_and_env_from(render: Callable[..., Rendered]):
 
 def test_the_default_settings(render: Callable[..., Rendered]):
     assert render().config == {
+        "WORKERS": "1",
         "KAFKA_GROUP_ID": "voucher-bridge",
         "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
         "POS_COMMANDS_TOPIC": "pos.commands",

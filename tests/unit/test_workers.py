@@ -22,10 +22,8 @@ def test_workers_given_are_taken_as_given() -> None:
     assert pool.worker_count(3) == 3
 
 
-def test_unset_is_one_per_core_beyond_the_services_own_at_most_four(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for cores, expected in [(1, 1), (2, 1), (3, 2), (4, 3), (16, 4)]:
+def test_unset_is_one_per_core_at_most_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, expected in [(1, 1), (2, 2), (3, 3), (4, 4), (16, 4)]:
         monkeypatch.setattr(pool, "available_cores", lambda cores=cores: cores)
         assert pool.worker_count(None) == expected
 
@@ -71,7 +69,9 @@ def test_workers_metrics_are_served_beside_the_services_each_by_worker(
     # What a worker would forward: its own provider's metrics.
     worker_reader = InMemoryMetricReader()
     worker_meter = MeterProvider(metric_readers=[worker_reader]).get_meter("voucher_bridge")
-    worker_meter.create_counter("voucher_bridge.commands").add(3, {"outcome": "succeeded"})
+    worker_meter.create_counter("voucher_bridge.commands").add(
+        3, {"outcome": "succeeded", "command_type": "pos.redeem"}
+    )
     data = worker_reader.get_metrics_data()
     forwarded["0"] = [
         (scoped.scope.name, scoped.scope.version, list(scoped.metrics))
@@ -88,8 +88,13 @@ def test_workers_metrics_are_served_beside_the_services_each_by_worker(
     text = generate_latest(registry).decode()
     lines = [line for line in text.splitlines() if line.startswith("voucher_bridge_commands_total")]
     assert len(lines) == 2, text
-    assert any('voucher_bridge_worker="0"' in x and x.endswith(" 3.0") for x in lines), lines
-    assert any('voucher_bridge_worker="service"' in x and x.endswith(" 1.0") for x in lines)
+    # Each value under its own labels, though the two processes' attributes differ.
+    [worker] = [x for x in lines if 'voucher_bridge_worker="0"' in x]
+    assert 'command_type="pos.redeem"' in worker and 'outcome="succeeded"' in worker, worker
+    assert worker.endswith(" 3.0")
+    [service] = [x for x in lines if 'voucher_bridge_worker="service"' in x]
+    assert 'outcome="failed"' in service and 'command_type=""' in service, service
+    assert service.endswith(" 1.0")
 
 
 def test_without_workers_the_metrics_are_as_they_were(

@@ -13,12 +13,15 @@ No caller is told its claim or result is stored before it is durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import queue
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +149,7 @@ class SqliteStore:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
+        self._turns: int | None = None  # the writers' lock file (see `_writers_take_turns`)
         self._waiting: queue.SimpleQueue[_Operation[Any]] = queue.SimpleQueue()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -173,6 +177,41 @@ class SqliteStore:
             return
         outcomes: list[tuple[_Operation[Any], Any, BaseException | None]] = []
         try:
+            with self._writers_take_turns():
+                self._run_in_transaction(db, batch, outcomes)
+        except BaseException as exc:
+            for operation in batch:
+                operation.fail(exc)
+            return
+        for operation, value, error in outcomes:
+            if error is not None:
+                operation.fail(error)
+            else:
+                operation.succeed(value)
+
+    @contextlib.contextmanager
+    def _writers_take_turns(self) -> Iterator[None]:
+        """One batch at a time across the processes that write this file (the service and
+        its worker processes, workers/pool.py, or the command line's), in the order they ask.
+        SQLite's own busy handler, which it still backs, polls: it sleeps 1, 2, 5, 10, 15 ms…
+        between tries, far longer than a batch holds the lock, so two busy processes would
+        mostly wait; a process blocked in flock() is woken the moment the lock is free."""
+        if self._turns is None:
+            yield
+            return
+        fcntl.flock(self._turns, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turns, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _run_in_transaction(
+        db: sqlite3.Connection,
+        batch: list[_Operation[Any]],
+        outcomes: list[tuple[_Operation[Any], Any, BaseException | None]],
+    ) -> None:
+        try:
             db.execute("BEGIN IMMEDIATE")
             for operation in batch:
                 db.execute("SAVEPOINT operation")
@@ -185,17 +224,10 @@ class SqliteStore:
                     outcomes.append((operation, value, None))
                 db.execute("RELEASE operation")
             db.execute("COMMIT")
-        except BaseException as exc:
+        except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            for operation in batch:
-                operation.fail(exc)
-            return
-        for operation, value, error in outcomes:
-            if error is not None:
-                operation.fail(error)
-            else:
-                operation.succeed(value)
+            raise
 
     async def open(self) -> None:
         def connect() -> None:
@@ -210,6 +242,8 @@ class SqliteStore:
             db.executescript(SCHEMA)
             _add_columns(db)
             self._db = db  # transactions are begun and ended by _run_batch
+            lock = self._path.with_name(self._path.name + ".lock")
+            self._turns = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
@@ -218,6 +252,9 @@ class SqliteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._turns is not None:
+                os.close(self._turns)
+                self._turns = None
 
         await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
         self._executor.shutdown(wait=True)

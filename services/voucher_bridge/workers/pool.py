@@ -29,6 +29,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,13 +47,13 @@ Process = Callable[[Record], Awaitable[None]]
 
 
 def worker_count(workers: int | None) -> int:
-    """WORKERS; unset, one per core available beyond the one the service's own process needs
-    (it fetches, dispatches, commits and speaks to the workers for every record), at most 4.
-    With 2 cores or fewer that is 1: the commands run in the service's process, where they
-    cost the least CPU (README, Performance)."""
+    """WORKERS; unset, the cores this process may use, at most 4 (1 core: the commands run in
+    the service's own process). The service's process needs little of a core of its own
+    (0.2 ms of CPU per record in `make bench`, against 2-3 ms per command in a worker), so
+    the workers get every core; beyond 4, one partition's records are seldom that many."""
     if workers is not None:
         return workers
-    return max(1, min(4, available_cores() - 1))
+    return max(1, min(4, available_cores()))
 
 
 def available_cores() -> int:
@@ -66,6 +67,10 @@ def available_cores() -> int:
     except (OSError, ValueError):
         pass  # cgroup v1 or none: the affinity it is
     return cores
+
+
+# How long a scrape waits for the workers' metrics.
+_METRICS_WAIT_S = 1.0
 
 
 class WorkerLost(Exception):
@@ -93,6 +98,7 @@ class _Worker:
         # When it last said anything (monotonic): it reports its metrics every 2 s from its
         # event loop, so a silent worker is one whose loop is stuck.
         self.heard = time.monotonic()
+        self.metrics_asked: asyncio.Future[None] | None = None  # a scrape waits on its answer
 
     def send(self, message: tuple[object, ...]) -> None:
         if self.writer is None or self.writer.is_closing():
@@ -128,6 +134,8 @@ class WorkerPool:
         self._closing = False
         self._replacing: set[asyncio.Task[None]] = set()
         self._watching: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
         self._start_delay = [0.25] * count  # before a worker is started again (backoff)
         self._metrics: dict[str, telemetry.ForwardedMetrics] = {}
         # Each worker process's last `worker.live` (recent outcomes and requests, circuit
@@ -138,6 +146,8 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker and wait until each is ready (its store and producer up)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
         telemetry.worker_metrics = self.forwarded_metrics
         self._workers = [_Worker(i, next(self._generations)) for i in range(self.count)]
         try:
@@ -181,7 +191,28 @@ class WorkerPool:
         )
 
     def forwarded_metrics(self) -> Mapping[str, telemetry.ForwardedMetrics]:
+        """The workers' metrics as of now: asked for, on the scrape's thread, and waited for
+        up to `_METRICS_WAIT_S` (past that, each worker's last, at most 2 s old)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and threading.get_ident() != self._thread:
+            asked = asyncio.run_coroutine_threadsafe(self._ask_for_metrics(), loop)
+            with contextlib.suppress(Exception):  # late, or the loop stopping: the last ones
+                asked.result(timeout=_METRICS_WAIT_S)
         return dict(self._metrics)
+
+    async def _ask_for_metrics(self) -> None:
+        asked = []
+        for worker in self._workers:
+            if worker.lost or not worker.ready.done() or worker.ready.exception():
+                continue
+            if worker.metrics_asked is None or worker.metrics_asked.done():
+                worker.metrics_asked = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(WorkerLost, ConnectionError):
+                    worker.send(("metrics?",))
+            asked.append(worker.metrics_asked)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_METRICS_WAIT_S):
+                await asyncio.gather(*asked)
 
     def recent(self, what: str, upstream: str | None = None) -> list[dict[int, dict[str, int]]]:
         """The workers' recent counts per minute: "outcomes", or "requests" of `upstream`."""
@@ -351,6 +382,8 @@ class WorkerPool:
             elif kind == "metrics":
                 self._metrics[str(worker.index)] = message[1]
                 self._live[worker.generation] = message[2]
+                if worker.metrics_asked is not None and not worker.metrics_asked.done():
+                    worker.metrics_asked.set_result(None)
             elif kind == "ready":
                 worker.instance = message[1]
                 if not worker.ready.done():

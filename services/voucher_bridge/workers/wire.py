@@ -5,10 +5,11 @@ package's own code in one container (the socket is inherited, never listened on)
 are bytes (keys, values, headers) that JSON would have to re-encode on the hot path.
 
 From the service: ("settings", Settings, index, count) once, first; ("run", seq, record);
-("forget",) after a rebalance; ("stop",).
+("forget",) after a rebalance; ("metrics?",) when the service is scraped; ("stop",).
 From a worker: ("ready", instance); ("done", seq); ("failed", seq, detail) when processing
 raised (a bug: the dispatcher tries again, as for the in-process pipeline);
-("metrics", [(scope name, scope version, [Metric, ...]), ...]) every few seconds.
+("metrics", [(scope name, scope version, [Metric, ...]), ...], live) every 2 s and when
+asked (live: what the console shows of it, `worker.live`).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ async def serve(sock: socket.socket) -> None:
     def send_metrics(batch: ForwardedMetrics) -> None:  # on the loop, which owns what it reads
         send(("metrics", batch, live(runtime)))
 
-    metrics_provider = configure_worker_metrics(forward)
+    metrics_provider, forwarding = configure_worker_metrics(forward)
     await runtime.start(background=False)
     # As the service does after its start (app.after_startup): what lives as long as the
     # process is left out of the collector's full passes.
@@ -118,6 +118,8 @@ async def serve(sock: socket.socket) -> None:
             task = asyncio.create_task(run(message[1], message[2]))
             running.add(task)
             task.add_done_callback(running.discard)
+        elif kind == "metrics?":  # the service is being scraped
+            forwarding.collect()
         elif kind == "forget":
             runtime.forget()
         elif kind == "stop":
