@@ -12,8 +12,9 @@ A worker that dies (or stops answering on its socket) is killed if it is not dea
 instance is retired in the store before anything of it is run again: its records' claims are
 then a dead instance's, and the worker that takes them over goes on through the store from
 where they stood (`once.ExactlyOnce`), never sending blindly. Its records are handed to its
-replacement; a record whose worker died under it `max_losses` times runs in the service's own
-process, so that a record that kills workers still ends.
+replacement; a record whose worker died under it more than `max_losses` times (2) runs in the
+service's own process, so that a record that kills workers still ends. A worker whose event
+loop says nothing for `silent_after_s` is killed and replaced the same way.
 
 Hand-made: FastStream and aiokafka run one event loop per consumer, and the multiprocessing
 module's pools neither keep a key on one process nor tell which records a dead process held.
@@ -50,7 +51,8 @@ def worker_count(workers: int | None) -> int:
     """WORKERS; unset, the cores this process may use, at most 4 (1 core: the commands run in
     the service's own process). The service's process needs little of a core of its own
     (0.2 ms of CPU per record in `make bench`, against 2-3 ms per command in a worker), so
-    the workers get every core; beyond 4, one partition's records are seldom that many."""
+    the workers get every core; beyond 4, the upstream's connection bound (shared out among
+    the workers) and the service's process are the limits sooner than the cores."""
     if workers is not None:
         return workers
     return max(1, min(4, available_cores()))
