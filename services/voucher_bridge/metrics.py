@@ -279,6 +279,21 @@ class Readings:
 _readings = Readings()
 
 
+# The gauges read from the service's own process (its dispatcher and settling, `observe`):
+# a worker process has none of it, and does not report them (telemetry.configure_worker_metrics).
+SERVICE_GAUGES = (
+    "voucher_bridge.consumer.lag",
+    "voucher_bridge.records.oldest_unfinished.age",
+    "voucher_bridge.records.oldest_unfinished.offset",
+    "voucher_bridge.lanes.max_depth",
+    "voucher_bridge.lanes.active",
+    "voucher_bridge.in_flight",
+    "voucher_bridge.partitions.assigned",
+    "voucher_bridge.results.unsettled",
+    "voucher_bridge.results.unsettled.oldest_age",
+)
+
+
 def observe(readings: Readings) -> None:
     """Read the service's state from `readings` from now on."""
     global _readings

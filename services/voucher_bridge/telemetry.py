@@ -40,12 +40,15 @@ from opentelemetry.sdk.metrics.export import (
     ResourceMetrics,
     ScopeMetrics,
 )
+from opentelemetry.sdk.metrics.view import DropAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
+
+from voucher_bridge.metrics import SERVICE_GAUGES
 
 SERVICE_NAME = "voucher-bridge"
 _w3c = TraceContextTextMapPropagator()
@@ -206,13 +209,25 @@ def configure_worker_metrics(
     and whenever the returned reader's `collect()` is called (the service's scrape asks);
     and to the OTLP or console exporters named, as the service's do."""
     os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+    provider, forwarding = worker_meter_provider(forward, interval_s)
+    metrics.set_meter_provider(provider)
+    return provider, forwarding
+
+
+def worker_meter_provider(
+    forward: Callable[[ForwardedMetrics], None], interval_s: float = 2.0
+) -> tuple[MeterProvider, MetricReader]:
+    """`configure_worker_metrics`'s provider, not installed."""
     forwarding = PeriodicExportingMetricReader(
         _ForwardingExporter(forward), export_interval_millis=interval_s * 1000
     )
+    # What only the service's process knows (lag, in flight, ...) is not reported as a
+    # worker's zeros beside it.
     provider = MeterProvider(
-        resource=Resource.create(), metric_readers=[forwarding, *_exporting_readers()]
+        resource=Resource.create(),
+        metric_readers=[forwarding, *_exporting_readers()],
+        views=[View(instrument_name=n, aggregation=DropAggregation()) for n in SERVICE_GAUGES],
     )
-    metrics.set_meter_provider(provider)
     return provider, forwarding
 
 

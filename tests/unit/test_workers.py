@@ -8,6 +8,7 @@ import pickle
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
@@ -108,3 +109,16 @@ def test_without_workers_the_metrics_are_as_they_were(
     text = generate_latest(registry).decode()
     assert "voucher_bridge_worker" not in text
     assert "voucher_bridge_commands_total" in text
+
+
+def test_a_worker_does_not_report_what_only_the_service_process_knows() -> None:
+    batches: list[telemetry.ForwardedMetrics] = []
+    provider, forwarding = telemetry.worker_meter_provider(batches.append, interval_s=3600)
+    meter = provider.get_meter("voucher_bridge")
+    meter.create_observable_gauge("voucher_bridge.in_flight", [lambda options: [Observation(0)]])
+    meter.create_counter("voucher_bridge.commands").add(1, {"outcome": "succeeded"})
+    forwarding.collect()
+    provider.shutdown()
+    names = {m.name for batch in batches for _, _, found in batch for m in found}
+    assert "voucher_bridge.commands" in names
+    assert "voucher_bridge.in_flight" not in names
