@@ -20,8 +20,10 @@ from tests.support.kafka import create_topic
 from tests.support.workload import (
     TillWorkload,
     check_till_results,
+    http_ready,
     read_until_answered,
     service_env,
+    until,
     wait_for_log,
 )
 from voucher_sandboxes.localstack import (
@@ -99,22 +101,25 @@ async def test_a_broker_restart_mid_run(sandbox: Sandbox, tmp_path: Path) -> Non
         double_before = _double_redemptions(sandbox)
         port = free_port()
         service = start_service(service_env(s), tmp_path / "service.log", http_port=port)
+        # Ready first (its workers started: a few seconds on a busy machine), then at work.
+        await until(lambda: http_ready(port), 60, "the service ready")
         workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.4)
-        run = asyncio.create_task(workload.run(BILLS))
-        await asyncio.sleep(4)  # commands flowing
-        assert (await _probe(port, "ready"))[0] == 200
-        await asyncio.to_thread(broker.down)
-        lives, readies = [], []
-        for _ in range(8):
-            await asyncio.sleep(1.2)
-            lives.append(await _probe(port, "live"))
-            readies.append(await _probe(port, "ready"))
-        await asyncio.to_thread(broker.up)
-        assert all(status == 200 and body["live"] for status, body in lives), lives
-        status, report = readies[-1]
-        assert status == 503 and not report["ready"] and not report["broker"], report
-        assert not report["producer"] and "producer" in report["why"], report
-        await asyncio.wait_for(run, 180)
+        async with workload.running(BILLS) as run:
+            await asyncio.sleep(3)  # commands flowing
+            status, report = await _probe(port, "ready")
+            assert status == 200, report
+            await asyncio.to_thread(broker.down)
+            lives, readies = [], []
+            for _ in range(8):
+                await asyncio.sleep(1.2)
+                lives.append(await _probe(port, "live"))
+                readies.append(await _probe(port, "ready"))
+            await asyncio.to_thread(broker.up)
+            assert all(status == 200 and body["live"] for status, body in lives), lives
+            status, report = readies[-1]
+            assert status == 503 and not report["ready"] and not report["broker"], report
+            assert not report["producer"] and "producer" in report["why"], report
+            await asyncio.wait_for(run, 180)
         deadline = time.monotonic() + 60
         while (await _probe(port, "ready"))[0] != 200:
             assert time.monotonic() < deadline, "not ready again after the broker came back"
@@ -139,12 +144,12 @@ async def test_a_postgres_restart_mid_run(
         double_before = _double_redemptions(sandbox)
         service = start_service(service_env(s), tmp_path / "service.log")
         workload = TillWorkload(kafka_bootstrap, s.commands, tills, vouchers, pause_s=0.4)
-        run = asyncio.create_task(workload.run(BILLS))
-        await asyncio.sleep(4)
-        await asyncio.to_thread(postgres.down)
-        await asyncio.sleep(8)
-        await asyncio.to_thread(postgres.up)
-        await asyncio.wait_for(run, 180)
+        async with workload.running(BILLS) as run:
+            await asyncio.sleep(4)
+            await asyncio.to_thread(postgres.down)
+            await asyncio.sleep(8)
+            await asyncio.to_thread(postgres.up)
+            await asyncio.wait_for(run, 180)
         outcomes = await _finish(s, workload, service, double_before, "PostgreSQL restart")
         # The outage (8 s) was well inside a command's bound: nothing was answered `failed`.
         assert not [k for k in outcomes if k.endswith(":failed")], outcomes
@@ -178,12 +183,12 @@ async def test_an_upstream_hanging_past_the_drain_timeout_during_a_rebalance(
     try:
         s.sandbox.faults(latency_ms=15_000, routes=["scan_voucher_api"])
         started = time.monotonic()
-        run = asyncio.create_task(workload.run(1))
-        await asyncio.sleep(3)  # the first scans hang in the first instance
-        second = start_service(env, tmp_path / "second.log")
-        await wait_for_log(first, "drain timed out", within_s=30)
-        s.sandbox.faults(latency_ms=0, routes=None)
-        await asyncio.wait_for(run, 120)
+        async with workload.running(1) as run:
+            await asyncio.sleep(3)  # the first scans hang in the first instance
+            second = start_service(env, tmp_path / "second.log")
+            await wait_for_log(first, "drain timed out", within_s=30)
+            s.sandbox.faults(latency_ms=0, routes=None)
+            await asyncio.wait_for(run, 120)
         await _finish(s, workload, first, double_before, "upstream hanging during a rebalance")
         assert time.monotonic() - started < 60
         assert second.alive()

@@ -79,18 +79,18 @@ async def test_killed_workers_are_replaced_and_nothing_is_applied_twice_or_lost(
         first = workers_of(service.popen.pid)
         assert len(first) == 2, first
         workload = TillWorkload(s.bootstrap, s.commands, tills, vouchers, pause_s=0.05)
-        run = asyncio.create_task(workload.run(BILLS))
-        killed: list[int] = []
-        for _ in range(KILLS):
-            await asyncio.sleep(rng.uniform(0.8, 2.0))
-            alive = workers_of(service.popen.pid)
-            if len(alive) < 2:  # one still being started again after the last kill
-                await until(lambda: _two_workers(service.popen.pid), 30, "two workers")
+        async with workload.running(BILLS) as run:
+            killed: list[int] = []
+            for _ in range(KILLS):
+                await asyncio.sleep(rng.uniform(0.8, 2.0))
                 alive = workers_of(service.popen.pid)
-            victim = rng.choice(alive)
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-        await run
+                if len(alive) < 2:  # one still being started again after the last kill
+                    await until(lambda: _two_workers(service.popen.pid), 30, "two workers")
+                    alive = workers_of(service.popen.pid)
+                victim = rng.choice(alive)
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+            await run
         s.sandbox.faults(latency_ms=0, drop_after_apply_rate=0)
         ids = {c.id for c in workload.sent}
         async with ResultReader(s.bootstrap, s.results) as reader:
@@ -188,11 +188,11 @@ async def test_a_frozen_worker_is_killed_and_its_commands_go_on(stack: Any, tmp_
     try:
         await until(lambda: http_ready(port), 60, "the service ready")
         workload = TillWorkload(s.bootstrap, s.commands, tills, vouchers, pause_s=0.1)
-        run = asyncio.create_task(workload.run(2))
-        await asyncio.sleep(0.3)
-        frozen = workers_of(service.popen.pid)[0]
-        os.kill(frozen, signal.SIGSTOP)
-        await run
+        async with workload.running(2) as run:
+            await asyncio.sleep(0.3)
+            frozen = workers_of(service.popen.pid)[0]
+            os.kill(frozen, signal.SIGSTOP)
+            await run
         ids = {c.id for c in workload.sent}
         async with ResultReader(s.bootstrap, s.results) as reader:
             await read_until_answered(reader, ids, 120, service.alive)

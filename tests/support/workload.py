@@ -15,6 +15,8 @@ import json
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -81,6 +83,18 @@ class TillWorkload:
     pause_s: float = 0.05
     sent: list[Sent] = field(default_factory=list)
     resends: int = 0
+
+    @asynccontextmanager
+    async def running(self, bills_per_till: int) -> AsyncIterator[asyncio.Task[None]]:
+        """The tills at work in a task for the block. A block left early (a failed assertion)
+        cancels it, so that its producer is closed before the test stops its broker, rather than
+        retrying against it, and logging errors, through the tests that come after."""
+        task = asyncio.create_task(self.run(bills_per_till))
+        try:
+            yield task
+        finally:
+            task.cancel()
+            await asyncio.wait([task], timeout=30)
 
     async def run(self, bills_per_till: int) -> None:
         producer = AIOKafkaProducer(
