@@ -75,7 +75,7 @@ test: lint
 
 # Images (deploy/images/): podman or docker, whichever is installed. Where no base image can
 # be pulled, the podman build first makes one from Debian's packages (base-images, mmdebstrap);
-# an image whose inputs have not changed is not built again (FORCE=1 builds anyway).
+# an image whose inputs and commit have not changed is not built again (FORCE=1 builds anyway).
 image:
 	@deploy/images/build.sh service
 

@@ -10,7 +10,8 @@
 # localhost/voucher-bridge:<version>.
 #
 # An image whose inputs label (a hash of the Containerfile, the files it copies, the base
-# image's id and the uv version) matches is not built again; FORCE=1 builds anyway.
+# image's id and the uv version) and revision label (the commit) match is not built again;
+# FORCE=1 builds anyway.
 #
 # Environment:
 #   BASE            the base image. Default: the official python:3.11-slim-bookworm where it is
@@ -151,21 +152,27 @@ source_url() {
 }
 
 build() {
-  local kind="$1" tag hash current start=$SECONDS args=() ca="${BUILD_CA_FILE:-${SSL_CERT_FILE:-}}"
+  local kind="$1" tag hash rev current start=$SECONDS args=() ca="${BUILD_CA_FILE:-${SSL_CERT_FILE:-}}"
   tag="$(tag_of "$kind")"
   resolve_base
   image_id "$BASE" >/dev/null || die "base image $BASE is not there"
   prepare_context
   hash="$(inputs_hash "$kind")"
-  current="$(engine image inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$tag" 2>/dev/null || true)"
-  if [[ "$current" == "$hash" && "${FORCE:-0}" != 1 ]]; then
-    log "$tag is up to date (inputs $hash)"
+  rev="$(revision "$kind")"
+  # Up to date: the same inputs and the same commit, so that the image's revision label never
+  # names an older commit (after a commit that changed none of its inputs, only the final
+  # stage's labels and layers are made again; the builder stage comes from the layer cache).
+  current="$(engine image inspect --format \
+    "{{ index .Config.Labels \"$LABEL\" }} {{ index .Config.Labels \"org.opencontainers.image.revision\" }}" \
+    "$tag" 2>/dev/null || true)"
+  if [[ "$current" == "$hash $rev" && "${FORCE:-0}" != 1 ]]; then
+    log "$tag is up to date (inputs $hash, revision $rev)"
     return 0
   fi
   args=(
     -f "$CONTEXT/$(containerfile_of "$kind")" -t "$tag"
     --build-arg "BASE=$BASE" --build-arg "UV_VERSION=$UV_VERSION"
-    --build-arg "VERSION=$(version_of "$kind")" --build-arg "REVISION=$(revision "$kind")"
+    --build-arg "VERSION=$(version_of "$kind")" --build-arg "REVISION=$rev"
     --build-arg "SOURCE=$(source_url)" --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     --label "$LABEL=$hash"
   )
