@@ -121,6 +121,8 @@ class WorkerPool:
         # After the drain a worker runs nothing: it stops its producer and store connection.
         stop_timeout_s: float = 10.0,
         silent_after_s: float = 30.0,
+        # The module each worker process runs (`python -m`); the tests' stand-ins differ.
+        worker_module: str = "voucher_bridge.workers.worker",
     ) -> None:
         self._settings = settings
         self.count = count
@@ -130,6 +132,7 @@ class WorkerPool:
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self._silent_after_s = silent_after_s
+        self._worker_module = worker_module
         self._workers: list[_Worker] = []
         self._seq = itertools.count()
         self._generations = itertools.count()
@@ -358,7 +361,7 @@ class WorkerPool:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "voucher_bridge.workers.worker",
+                self._worker_module,
                 env={**os.environ, wire.FD_VARIABLE: str(theirs.fileno())},
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,

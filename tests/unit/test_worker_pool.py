@@ -1,0 +1,132 @@
+"""The worker pool's supervision, with stand-in worker processes (`tests.support.standin_worker`)
+that die on the records told to kill them: a dead worker's instance is retired in the store
+before its record runs anywhere again, its record goes on in the worker's replacement, and a
+record that kills every worker it meets still ends, in the service's own process, after three
+tries. The real workers' crashes, against the real broker and store, are in
+`tests/integration/test_workers.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.workload import until
+from voucher_bridge.kafka.records import Record
+from voucher_bridge.settings import Settings
+from voucher_bridge.workers import WorkerPool
+
+
+@dataclass(frozen=True)
+class _Record:
+    value: bytes
+    key: bytes | None = b"till-1"
+    topic: str = "pos.commands"
+    partition: int = 0
+    offset: int = 0
+    timestamp: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass
+class _Service:
+    """What the pool asks of the service: retiring a dead worker's instance, and running a
+    record in its own process. Each is noted with its (monotonic) time."""
+
+    log: Path
+    retired: list[tuple[float, str]] = field(default_factory=list)
+    ran_here: list[tuple[float, bytes | None]] = field(default_factory=list)
+
+    async def retire(self, instance: str) -> None:
+        self.retired.append((time.monotonic(), instance))
+
+    async def run_here(self, record: Record) -> None:
+        self.ran_here.append((time.monotonic(), record.value))
+
+    def runs(self, value: str) -> list[tuple[float, str]]:
+        """When, and in which worker's instance, each try of the record `value` began."""
+        found = []
+        for line in self.log.read_text().splitlines():
+            at, instance, got = line.split(" ", 2)
+            if got == value:
+                found.append((float(at), instance))
+        return found
+
+
+@pytest.fixture
+async def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _Service:
+    log = tmp_path / "received.log"
+    log.touch()
+    monkeypatch.setenv("STANDIN_WORKER_LOG", str(log))
+    return _Service(log)
+
+
+@pytest.fixture
+async def pool(service: _Service) -> AsyncIterator[WorkerPool]:
+    workers = WorkerPool(
+        Settings(),
+        2,
+        in_process=service.run_here,
+        retire=service.retire,
+        worker_module="tests.support.standin_worker",
+        start_timeout_s=30,
+    )
+    await workers.start()
+    try:
+        yield workers
+    finally:
+        await workers.stop()
+
+
+def _ready(pool: WorkerPool) -> Callable[[], Awaitable[bool]]:
+    async def ready() -> bool:
+        return pool.ready()
+
+    return ready
+
+
+def _other_worker(pool: WorkerPool, record: _Record) -> _Record:
+    """A record of another key, which another worker runs."""
+    for n in range(100):
+        other = _Record(b"ok", key=f"till-{n}".encode())
+        if pool.index_of(other) != pool.index_of(record):
+            return other
+    raise AssertionError("no key of the other worker")
+
+
+async def test_a_record_whose_worker_dies_goes_on_in_the_replacement_once_it_is_retired(
+    pool: WorkerPool, service: _Service
+) -> None:
+    record = _Record(b"kills-one-worker")
+    await asyncio.wait_for(pool.process(record), 30)
+    (died_at, dead), (again_at, replacement) = service.runs("kills-one-worker")
+    assert replacement != dead
+    # The dead worker's instance was retired (its claims a dead instance's, so that the
+    # replacement resumes them through the store) before the record ran again.
+    assert [instance for _, instance in service.retired] == [dead]
+    assert died_at < service.retired[0][0] < again_at
+    assert not service.ran_here
+    await until(_ready(pool), 30, "the replacement worker ready")
+
+
+async def test_a_record_that_kills_every_worker_still_ends_in_the_services_process(
+    pool: WorkerPool, service: _Service
+) -> None:
+    record = _Record(b"kills-every-worker")
+    await asyncio.wait_for(pool.process(record), 60)
+    tries = service.runs("kills-every-worker")
+    assert len(tries) == 3 and len({instance for _, instance in tries}) == 3
+    # Each dead worker was retired before the next try, the last before the service's own.
+    assert [instance for _, instance in service.retired] == [i for _, i in tries]
+    next_tries = [at for at, _ in tries[1:]] + [service.ran_here[0][0]]
+    assert all(r < n for (r, _), n in zip(service.retired, next_tries, strict=True))
+    assert [value for _, value in service.ran_here] == [b"kills-every-worker"]
+    # The other worker was never touched, and the one replaced is up again.
+    other = _other_worker(pool, record)
+    await asyncio.wait_for(pool.process(other), 30)
+    assert [value for _, value in service.ran_here] == [b"kills-every-worker"]
+    await until(_ready(pool), 30, "the replacement worker ready")
