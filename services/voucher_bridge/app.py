@@ -336,8 +336,9 @@ class Service:
                 workers = WorkerPool(
                     self.settings,
                     self.worker_count,
-                    in_process=self.runtime.process,
+                    in_process=self._process_here,
                     retire=self.store.retire,
+                    retire_timeout_s=self.settings.store_timeout_s,
                     # As the service's own loop is judged (the liveness probe).
                     silent_after_s=self.settings.liveness_loop_blocked_s,
                 )
@@ -351,23 +352,28 @@ class Service:
         self, topic: str, partition: int, key: bytes | None, job: Callable[[], Awaitable[None]]
     ) -> bool:
         """A settling job into its key's lane. It runs in this process, with this process's
-        clients and store. With workers, the key's sessions and bills move on in two
-        processes: this one forgets what it cached of tills before the job (a worker has moved
-        them on since), and the workers after it, before the key's next record reaches its
-        worker (the lane holds that record until the job is done, and both go down the
-        worker's one socket in that order)."""
+        clients and store (`_here`)."""
 
-        async def settle_then_forget() -> None:
-            workers = self.workers
+        return self.dispatcher.submit_job(topic, partition, key, lambda: self._here(job()))
+
+    async def _process_here(self, record: Record) -> None:
+        """A record that its worker died under, again and again, run in this process."""
+        await self._here(self.runtime.process(record))
+
+    async def _here(self, work: Awaitable[None]) -> None:
+        """Run `work` (a settling job, or a record no worker could end) in this process.
+        With workers, a key's sessions and bills move on in two processes: this one forgets
+        what it cached of tills before (a worker has moved them on since), and the workers
+        after, before the key's next record reaches its worker (the lane holds that record
+        until this is done, and both go down the worker's one socket in that order)."""
+        workers = self.workers
+        if workers is not None:
+            self.runtime.forget()
+        try:
+            await work
+        finally:
             if workers is not None:
-                self.runtime.forget()
-            try:
-                await job()
-            finally:
-                if workers is not None:
-                    workers.forget()
-
-        return self.dispatcher.submit_job(topic, partition, key, settle_then_forget)
+                workers.forget()
 
     async def _stop_kafka_parts(self) -> None:
         # Each at most once: a start refused after the broker's start began is followed by

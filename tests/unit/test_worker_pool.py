@@ -65,21 +65,34 @@ async def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _Service:
     return _Service(log)
 
 
+PoolFactory = Callable[..., Awaitable[WorkerPool]]
+
+
 @pytest.fixture
-async def pool(service: _Service) -> AsyncIterator[WorkerPool]:
-    workers = WorkerPool(
-        Settings(),
-        2,
-        in_process=service.run_here,
-        retire=service.retire,
-        worker_module="tests.support.standin_worker",
-        start_timeout_s=30,
-    )
-    await workers.start()
-    try:
-        yield workers
-    finally:
+async def make_pool(service: _Service) -> AsyncIterator[PoolFactory]:
+    started: list[WorkerPool] = []
+
+    async def make(**options: float) -> WorkerPool:
+        workers = WorkerPool(
+            Settings(),
+            2,
+            in_process=service.run_here,
+            retire=service.retire,
+            worker_module="tests.support.standin_worker",
+            **{"start_timeout_s": 30.0, **options},
+        )
+        await workers.start()
+        started.append(workers)
+        return workers
+
+    yield make
+    for workers in started:
         await workers.stop()
+
+
+@pytest.fixture
+async def pool(make_pool: PoolFactory) -> WorkerPool:
+    return await make_pool()
 
 
 def _ready(pool: WorkerPool) -> Callable[[], Awaitable[bool]]:
@@ -130,3 +143,53 @@ async def test_a_record_that_kills_every_worker_still_ends_in_the_services_proce
     await asyncio.wait_for(pool.process(other), 30)
     assert [value for _, value in service.ran_here] == [b"kills-every-worker"]
     await until(_ready(pool), 30, "the replacement worker ready")
+
+
+async def test_a_worker_whose_loop_stops_is_killed_and_its_record_goes_on(
+    make_pool: PoolFactory, service: _Service
+) -> None:
+    pool = await make_pool(silent_after_s=2.5)
+    await asyncio.sleep(4)  # idle, saying only that it is alive: not killed
+    assert not service.retired
+    await asyncio.wait_for(pool.process(_Record(b"freezes-once")), 30)
+    (_, frozen), (_, replacement) = service.runs("freezes-once")
+    assert [instance for _, instance in service.retired] == [frozen] != [replacement]
+    assert not service.ran_here
+
+
+async def test_a_replacement_that_never_gets_ready_is_killed_and_replaced(
+    make_pool: PoolFactory, service: _Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STANDIN_WORKER_HANG_ONCE", "1")
+    pool = await make_pool(start_timeout_s=3.0)
+    await asyncio.wait_for(pool.process(_Record(b"kills-one-worker")), 30)
+    assert len(service.runs("kills-one-worker")) == 2
+    assert service.log.with_suffix(".hung").exists()
+    await until(_ready(pool), 30, "the pool ready, its hung worker replaced")
+
+
+async def test_a_message_that_cannot_be_read_is_a_lost_worker(
+    pool: WorkerPool, service: _Service
+) -> None:
+    await asyncio.wait_for(pool.process(_Record(b"garbles-once")), 30)
+    (_, garbled), (_, replacement) = service.runs("garbles-once")
+    assert [instance for _, instance in service.retired] == [garbled] != [replacement]
+    assert not service.ran_here
+
+
+async def test_a_record_given_up_by_the_service_is_cancelled_in_its_worker(
+    pool: WorkerPool, service: _Service
+) -> None:
+    running = asyncio.create_task(pool.process(_Record(b"runs-until-cancelled")))
+    await until(_ran(service, "runs-until-cancelled"), 10, "the record in its worker")
+    running.cancel()
+    await until(_ran(service, "cancelled:runs-until-cancelled"), 10, "the cancel in its worker")
+    assert running.cancelled()
+    assert not service.retired  # the worker lives on
+
+
+def _ran(service: _Service, value: str) -> Callable[[], Awaitable[bool]]:
+    async def ran() -> bool:
+        return bool(service.runs(value))
+
+    return ran

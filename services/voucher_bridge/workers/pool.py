@@ -14,7 +14,9 @@ then a dead instance's, and the worker that takes them over goes on through the 
 where they stood (`once.ExactlyOnce`), never sending blindly. Its records are handed to its
 replacement; a record whose worker died under it more than `max_losses` times (2) runs in the
 service's own process, so that a record that kills workers still ends. A worker whose event
-loop says nothing for `silent_after_s` is killed and replaced the same way.
+loop says nothing for `silent_after_s` (it says "alive" every second), or that is not ready
+`start_timeout_s` after its start, is killed and replaced the same way. A record the service
+gives up (a drain that timed out) is cancelled in its worker too, as it would be in-process.
 
 Hand-made: FastStream and aiokafka run one event loop per consumer, and the multiprocessing
 module's pools neither keep a key on one process nor tell which records a dead process held.
@@ -97,9 +99,10 @@ class _Worker:
         self.lost = False
         self.replaced = asyncio.Event()  # set once a successor has taken its place
         self.reading: asyncio.Task[None] | None = None
-        # When it last said anything (monotonic): it reports its metrics every 2 s from its
-        # event loop, so a silent worker is one whose loop is stuck.
+        # When it last said anything (monotonic): its event loop says "alive" every second
+        # (`wire.ALIVE_EVERY_S`), so a silent worker is one whose loop is stuck.
         self.heard = time.monotonic()
+        self.spawned = time.monotonic()
         self.metrics_asked: asyncio.Future[None] | None = None  # a scrape waits on its answer
 
     def send(self, message: tuple[object, ...]) -> None:
@@ -116,6 +119,7 @@ class WorkerPool:
         *,
         in_process: Process,
         retire: Callable[[str], Awaitable[None]],
+        retire_timeout_s: float = 5.0,
         max_losses: int = 2,
         start_timeout_s: float = 60.0,
         # After the drain a worker runs nothing: it stops its producer and store connection.
@@ -128,6 +132,7 @@ class WorkerPool:
         self.count = count
         self._in_process = in_process
         self._retire = retire
+        self._retire_timeout_s = retire_timeout_s
         self._max_losses = max_losses
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -237,22 +242,29 @@ class WorkerPool:
 
     async def _watch(self) -> None:
         """Kill a worker whose event loop has said nothing for `silent_after_s` (blocked, or
-        stuck in a call that never yields): its records then go on in its replacement, as a
-        crash's would, rather than waiting for ever."""
+        stuck in a call that never yields), or that is still not ready `start_timeout_s` after
+        its start: its records then go on in its replacement, as a crash's would, rather than
+        waiting for ever."""
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for worker in self._workers:
                 process = worker.process
-                silent = now - worker.heard
-                if worker.lost or not worker.ready.done() or process is None:
+                if worker.lost or process is None or process.returncode is not None:
                     continue
-                if silent > self._silent_after_s and process.returncode is None:
+                if not worker.ready.done():
+                    why = "is not ready"
+                    stuck = now - worker.spawned > self._start_timeout_s
+                else:
+                    why = "has said nothing"
+                    stuck = now - worker.heard > self._silent_after_s
+                if stuck:
                     log.error(
-                        "worker %d (pid %d) has said nothing for %.0f s: killing it",
+                        "worker %d (pid %d) %s after %.0f s: killing it",
                         worker.index,
                         process.pid,
-                        silent,
+                        why,
+                        now - (worker.heard if worker.ready.done() else worker.spawned),
                     )
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()  # its socket closes: replaced as a crash would be
@@ -316,6 +328,12 @@ class WorkerPool:
             async with asyncio.timeout(self._start_timeout_s):
                 await asyncio.shield(worker.ready)
         except TimeoutError:
+            # Stuck in its start: killed (once, counted once), and the record waits for the
+            # worker that replaces it.
+            worker.lost = True
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
             raise WorkerLost(f"worker {worker.index} did not start") from None
         if worker.lost:
             raise WorkerLost(f"worker {worker.index} died")
@@ -339,6 +357,12 @@ class WorkerPool:
                 )
             )
             await done
+        except asyncio.CancelledError:
+            # A drain that timed out (or the service stopping) gives the record up, as
+            # in-process: the worker cancels it too, and its claim is given back at once.
+            with contextlib.suppress(WorkerLost, ConnectionError):
+                worker.send(("cancel", seq))
+            raise
         finally:
             worker.pending.pop(seq, None)
 
@@ -375,6 +399,21 @@ class WorkerPool:
         )
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        try:
+            await self._read_messages(worker, reader)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A message that cannot be read (a bug): the worker is treated as lost, so that
+            # what it held goes on in its replacement rather than waiting for ever.
+            log.exception("worker %d: reading its messages failed", worker.index)
+        if not self._closing:
+            metrics.workers_lost.add(1)
+            task = asyncio.create_task(self._replace(worker))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+
+    async def _read_messages(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         while (message := await wire.read_message(reader)) is not None:
             worker.heard = time.monotonic()
             kind = message[0]
@@ -387,17 +426,13 @@ class WorkerPool:
             elif kind == "metrics":
                 self._metrics[str(worker.index)] = message[1]
                 self._live[worker.generation] = message[2]
+            elif kind == "collected":  # the answer to "metrics?", after any "metrics"
                 if worker.metrics_asked is not None and not worker.metrics_asked.done():
                     worker.metrics_asked.set_result(None)
             elif kind == "ready":
                 worker.instance = message[1]
                 if not worker.ready.done():
                     worker.ready.set_result(None)
-        if not self._closing:
-            metrics.workers_lost.add(1)
-            task = asyncio.create_task(self._replace(worker))
-            self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
 
     async def _ended(self, worker: _Worker, why: str) -> None:
         """Make sure `worker` is dead, retire its instance, and fail what it still held."""
@@ -413,7 +448,8 @@ class WorkerPool:
             worker.writer.close()
         if worker.instance is not None:
             try:
-                await self._retire(worker.instance)
+                async with asyncio.timeout(self._retire_timeout_s):
+                    await self._retire(worker.instance)
             except Exception as exc:
                 # Its claims are free once its heartbeat is stale (INSTANCE_STALE_AFTER_S).
                 log.warning("could not retire worker %d's instance: %s", worker.index, exc)
@@ -445,7 +481,7 @@ class WorkerPool:
             successor = _Worker(worker.index, next(self._generations))
             try:
                 await self._spawn(successor)
-            except OSError as exc:
+            except Exception as exc:  # the records of its keys wait for it: never give up
                 log.error("could not start a worker: %s; trying again in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

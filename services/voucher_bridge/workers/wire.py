@@ -5,11 +5,16 @@ package's own code in one container (the socket is inherited, never listened on)
 are bytes (keys, values, headers) that JSON would have to re-encode on the hot path.
 
 From the service: ("settings", Settings, index, count) once, first; ("run", seq, record);
-("forget",) after a rebalance; ("metrics?",) when the service is scraped; ("stop",).
+("cancel", seq) when the service gives a record up (a drain that timed out); ("forget",)
+after a rebalance and around what ran in the service's process; ("metrics?",) when the
+service is scraped; ("stop",).
 From a worker: ("ready", instance); ("done", seq); ("failed", seq, detail) when processing
 raised (a bug: the dispatcher tries again, as for the in-process pipeline);
 ("metrics", [(scope name, scope version, [Metric, ...]), ...], live) every 2 s and when
-asked (live: what the console shows of it, `worker.live`).
+asked, if there is anything to report (live: what the console shows of it, `worker.live`);
+("collected",) after that, answering "metrics?"; ("alive",) every `ALIVE_EVERY_S` from its
+event loop, whatever else it does or says (the pool kills a worker silent for longer than
+LIVENESS_LOOP_BLOCKED_S).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ _LENGTH = struct.Struct(">I")
 
 # The worker's end of the socket pair, as an inherited file descriptor.
 FD_VARIABLE = "VOUCHER_BRIDGE_WORKER_FD"
+
+ALIVE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)

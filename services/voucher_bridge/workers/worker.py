@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -97,7 +98,17 @@ async def serve(sock: socket.socket) -> None:
     send(("ready", runtime.once.instance))
     log.info("worker %d of %d ready (instance %s)", index, count, runtime.once.instance)
 
-    running: set[asyncio.Task[None]] = set()
+    running: dict[int, asyncio.Task[None]] = {}
+
+    async def say_alive() -> None:
+        while True:
+            send(("alive",))
+            await asyncio.sleep(wire.ALIVE_EVERY_S)
+
+    alive = asyncio.create_task(say_alive(), name="alive")
+
+    def forget_task(seq: int, _: asyncio.Task[None]) -> None:
+        running.pop(seq, None)
 
     async def run(seq: int, record: Record) -> None:
         try:
@@ -115,11 +126,17 @@ async def serve(sock: socket.socket) -> None:
     while (message := await wire.read_message(reader)) is not None:
         kind = message[0]
         if kind == "run":
-            task = asyncio.create_task(run(message[1], message[2]))
-            running.add(task)
-            task.add_done_callback(running.discard)
+            seq = message[1]
+            running[seq] = asyncio.create_task(run(seq, message[2]))
+            running[seq].add_done_callback(functools.partial(forget_task, seq))
+        elif kind == "cancel":  # given up by the service: its claim is given back at once
+            if (task := running.get(message[1])) is not None:
+                task.cancel()
         elif kind == "metrics?":  # the service is being scraped
+            # Exports only if there is anything, its "metrics" queued on the loop: the answer
+            # goes after it.
             forwarding.collect()
+            loop.call_soon(send, ("collected",))
         elif kind == "forget":
             runtime.forget()
         elif kind == "stop":
@@ -127,7 +144,8 @@ async def serve(sock: socket.socket) -> None:
     # Stopped, or the service has gone: what runs finishes first (each command is bounded by
     # COMMAND_TIMEOUT_S), and its claims are retired, free at once for the next owner.
     if running:
-        await asyncio.wait(running, timeout=settings.command_timeout_s + 30)
+        await asyncio.wait(running.values(), timeout=settings.command_timeout_s + 30)
+    alive.cancel()
     await runtime.stop()
     await runtime.aclose_clients()
     # The last figures, and no export after the loop has closed (at the interpreter's exit).
