@@ -19,17 +19,12 @@ from tests.support.workload import until
 from voucher_bridge.kafka.records import Record
 from voucher_bridge.settings import Settings
 from voucher_bridge.workers import WorkerPool
+from voucher_bridge.workers.wire import WireRecord
 
 
-@dataclass(frozen=True)
-class _Record:
-    value: bytes
-    key: bytes | None = b"till-1"
-    topic: str = "pos.commands"
-    partition: int = 0
-    offset: int = 0
-    timestamp: int = 0
-    headers: tuple[tuple[str, bytes], ...] = ()
+def _record(value: bytes, key: bytes = b"till-1") -> WireRecord:
+    """A record of the commands topic, as the service hands it to a worker."""
+    return WireRecord("pos.commands", 0, 0, 0, key, value, ())
 
 
 @dataclass
@@ -102,10 +97,10 @@ def _ready(pool: WorkerPool) -> Callable[[], Awaitable[bool]]:
     return ready
 
 
-def _other_worker(pool: WorkerPool, record: _Record) -> _Record:
+def _other_worker(pool: WorkerPool, record: WireRecord) -> WireRecord:
     """A record of another key, which another worker runs."""
     for n in range(100):
-        other = _Record(b"ok", key=f"till-{n}".encode())
+        other = _record(b"ok", key=f"till-{n}".encode())
         if pool.index_of(other) != pool.index_of(record):
             return other
     raise AssertionError("no key of the other worker")
@@ -114,7 +109,7 @@ def _other_worker(pool: WorkerPool, record: _Record) -> _Record:
 async def test_a_record_whose_worker_dies_goes_on_in_the_replacement_once_it_is_retired(
     pool: WorkerPool, service: _Service
 ) -> None:
-    record = _Record(b"kills-one-worker")
+    record = _record(b"kills-one-worker")
     await asyncio.wait_for(pool.process(record), 30)
     (died_at, dead), (again_at, replacement) = service.runs("kills-one-worker")
     assert replacement != dead
@@ -129,7 +124,7 @@ async def test_a_record_whose_worker_dies_goes_on_in_the_replacement_once_it_is_
 async def test_a_record_that_kills_every_worker_still_ends_in_the_services_process(
     pool: WorkerPool, service: _Service
 ) -> None:
-    record = _Record(b"kills-every-worker")
+    record = _record(b"kills-every-worker")
     await asyncio.wait_for(pool.process(record), 60)
     tries = service.runs("kills-every-worker")
     assert len(tries) == 3 and len({instance for _, instance in tries}) == 3
@@ -151,7 +146,7 @@ async def test_a_worker_whose_loop_stops_is_killed_and_its_record_goes_on(
     pool = await make_pool(silent_after_s=2.5)
     await asyncio.sleep(4)  # idle, saying only that it is alive: not killed
     assert not service.retired
-    await asyncio.wait_for(pool.process(_Record(b"freezes-once")), 30)
+    await asyncio.wait_for(pool.process(_record(b"freezes-once")), 30)
     (_, frozen), (_, replacement) = service.runs("freezes-once")
     assert [instance for _, instance in service.retired] == [frozen] != [replacement]
     assert not service.ran_here
@@ -162,7 +157,7 @@ async def test_a_replacement_that_never_gets_ready_is_killed_and_replaced(
 ) -> None:
     monkeypatch.setenv("STANDIN_WORKER_HANG_ONCE", "1")
     pool = await make_pool(start_timeout_s=3.0)
-    await asyncio.wait_for(pool.process(_Record(b"kills-one-worker")), 30)
+    await asyncio.wait_for(pool.process(_record(b"kills-one-worker")), 30)
     assert len(service.runs("kills-one-worker")) == 2
     assert service.log.with_suffix(".hung").exists()
     await until(_ready(pool), 30, "the pool ready, its hung worker replaced")
@@ -171,7 +166,7 @@ async def test_a_replacement_that_never_gets_ready_is_killed_and_replaced(
 async def test_a_message_that_cannot_be_read_is_a_lost_worker(
     pool: WorkerPool, service: _Service
 ) -> None:
-    await asyncio.wait_for(pool.process(_Record(b"garbles-once")), 30)
+    await asyncio.wait_for(pool.process(_record(b"garbles-once")), 30)
     (_, garbled), (_, replacement) = service.runs("garbles-once")
     assert [instance for _, instance in service.retired] == [garbled] != [replacement]
     assert not service.ran_here
@@ -180,7 +175,7 @@ async def test_a_message_that_cannot_be_read_is_a_lost_worker(
 async def test_a_record_given_up_by_the_service_is_cancelled_in_its_worker(
     pool: WorkerPool, service: _Service
 ) -> None:
-    running = asyncio.create_task(pool.process(_Record(b"runs-until-cancelled")))
+    running = asyncio.create_task(pool.process(_record(b"runs-until-cancelled")))
     await until(_ran(service, "runs-until-cancelled"), 10, "the record in its worker")
     running.cancel()
     await until(_ran(service, "cancelled:runs-until-cancelled"), 10, "the cancel in its worker")

@@ -105,6 +105,12 @@ class _Worker:
         self.spawned = time.monotonic()
         self.metrics_asked: asyncio.Future[None] | None = None  # a scrape waits on its answer
 
+    def kill(self) -> None:
+        """SIGKILL, if it still runs: its socket then closes, and it is replaced as a crash is."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
     def send(self, message: tuple[object, ...]) -> None:
         if self.writer is None or self.writer.is_closing():
             raise WorkerLost(f"worker {self.index} has no socket")
@@ -252,22 +258,19 @@ class WorkerPool:
                 process = worker.process
                 if worker.lost or process is None or process.returncode is not None:
                     continue
-                if not worker.ready.done():
-                    why = "is not ready"
-                    stuck = now - worker.spawned > self._start_timeout_s
+                if worker.ready.done():
+                    why, since, bound = "has said nothing", worker.heard, self._silent_after_s
                 else:
-                    why = "has said nothing"
-                    stuck = now - worker.heard > self._silent_after_s
-                if stuck:
+                    why, since, bound = "is not ready", worker.spawned, self._start_timeout_s
+                if now - since > bound:
                     log.error(
                         "worker %d (pid %d) %s after %.0f s: killing it",
                         worker.index,
                         process.pid,
                         why,
-                        now - (worker.heard if worker.ready.done() else worker.spawned),
+                        now - since,
                     )
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()  # its socket closes: replaced as a crash would be
+                    worker.kill()
 
     def _forget_old_live(self) -> None:
         """Drop the counts of dead workers that are older than any the console shows."""
@@ -331,9 +334,7 @@ class WorkerPool:
             # Stuck in its start: killed (once, counted once), and the record waits for the
             # worker that replaces it.
             worker.lost = True
-            if worker.process is not None and worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
+            worker.kill()
             raise WorkerLost(f"worker {worker.index} did not start") from None
         if worker.lost:
             raise WorkerLost(f"worker {worker.index} died")
@@ -437,13 +438,11 @@ class WorkerPool:
     async def _ended(self, worker: _Worker, why: str) -> None:
         """Make sure `worker` is dead, retire its instance, and fail what it still held."""
         worker.lost = True
-        process = worker.process
-        if process is not None and process.returncode is None:
-            # Not answering but alive: killed before anything of it runs again, so that it
-            # can never call an upstream beside its replacement.
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        # Not answering but alive: killed before anything of it runs again, so that it can
+        # never call an upstream beside its replacement.
+        worker.kill()
+        if worker.process is not None:
+            await worker.process.wait()
         if worker.writer is not None:
             worker.writer.close()
         if worker.instance is not None:
