@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conftest import Stack
@@ -121,3 +122,36 @@ async def test_a_revoked_partition_is_finished_and_committed_before_it_moves(
             await reader.settle(1.5)
     assert len(reader.for_commands({c.id for c in slow})) == len(slow)  # answered once each
     assert _calls(s, "remove_voucher_api") - calls == len(slow)  # called once each
+
+
+async def test_a_record_given_up_by_a_drain_gives_its_claim_back_while_its_call_hangs(
+    stack: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A's call hangs (60 s) when A stops: its drain gives up after 1 s and cancels the
+    record, in its worker process too when there are workers (the pool forwards the cancel).
+    So A is gone within seconds, not when the call would end or the pool's stop bound (10 s)
+    kills the worker, and B resumes the command at once: with INSTANCE_STALE_AFTER_S at
+    120 s, waiting for A's claim to look stale would take minutes."""
+    s: Stack = await stack(partitions=1)
+    till = s.terminal()
+    bounds = {"drain_timeout_s": 1.0, "instance_stale_after_s": 120.0}
+    async with (
+        CommandProducer(s.bootstrap, s.commands) as producer,
+        ResultReader(s.bootstrap, s.results) as reader,
+    ):
+        async with s.service(**bounds, evoucher_read_timeout_s=90.0):
+            warm = await producer.send("pos.bill_total", till, {"bill_total": 1})
+            await reader.wait_for({warm.id}, 30)
+            s.sandbox.faults(latency_ms=60_000, routes=["bill_total_api"])
+            hanging = await producer.send("pos.bill_total", till, {"bill_total": 2})
+            await asyncio.sleep(2.0)  # its call sent, hanging
+            stopping = time.monotonic()
+        stopped_in = time.monotonic() - stopping
+        assert "drain timed out" in caplog.text, "the call was not running when A stopped"
+        assert stopped_in < 9.0, f"A took {stopped_in:.1f} s to stop"
+        assert not reader.for_commands({hanging.id}), "A answered a call it gave up"
+        s.sandbox.faults(latency_ms=0, routes=None)
+        async with s.service(**bounds):
+            await reader.wait_for({hanging.id}, 30)  # minutes if its claim were still A's
+            await reader.settle(1.5)
+    assert len(reader.for_commands({hanging.id})) == 1
