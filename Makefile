@@ -69,9 +69,19 @@ test-unit: sync
 WORKER_TESTS = tests/integration/test_crash.py tests/integration/test_concurrency.py \
 	tests/integration/test_every_record_ends.py tests/integration/test_honest_outcomes.py \
 	tests/integration/test_exactly_once.py tests/integration/test_ledger.py
+# The broker and PostgreSQL that the tests start (when none runs) are stopped at the end, pass
+# or fail; those already running are left as they were. `make test KEEP=1` leaves them running,
+# for the next run to reuse.
 test: lint
-	$(UV) run pytest -q
-	WORKERS=2 $(UV) run pytest -q $(WORKER_TESTS)
+	@kafka_was_up=0; postgres_was_up=0; status=0; \
+	deploy/kafka/kafka.sh status >/dev/null 2>&1 && kafka_was_up=1; \
+	deploy/postgres/pg.sh status >/dev/null 2>&1 && postgres_was_up=1; \
+	$(UV) run pytest -q && WORKERS=2 $(UV) run pytest -q $(WORKER_TESTS) || status=$$?; \
+	if [ "$(KEEP)" != 1 ]; then \
+	  [ $$kafka_was_up = 1 ] || deploy/kafka/kafka.sh down >/dev/null 2>&1 || true; \
+	  [ $$postgres_was_up = 1 ] || deploy/postgres/pg.sh down >/dev/null 2>&1 || true; \
+	fi; \
+	exit $$status
 
 # Images (deploy/images/): podman or docker, whichever is installed. Where no base image can
 # be pulled, the podman build first makes one from Debian's packages (base-images, mmdebstrap);
