@@ -65,8 +65,13 @@ VB, PEER, NAIVE, BARE = "voucher-bridge", "parallel-consumer", "naive", "bare"
 # voucher-bridge as shipped (WORKERS unset: a worker process per core, at most 4; 2 here) and
 # with its commands in its own process (WORKERS=1): what the workers give one partition.
 VB_ONE = "vb-1-worker"
-SYSTEMS = (VB, VB_ONE, PEER, NAIVE, BARE)
+# The same peer with as many worker threads (so calls, and connections, at once) as
+# voucher-bridge's connection bound: the two side by side at the same upstream concurrency.
+# The targets are against the peer as a new user would run it (PEER); this one is stated.
+PEER_BOUNDED = "pc-bounded"
+SYSTEMS = (VB, VB_ONE, PEER, PEER_BOUNDED, NAIVE, BARE)
 VOUCHER_BRIDGES = (VB, VB_ONE)
+PEERS = (PEER, PEER_BOUNDED)
 # The peer's KEY-ordered concurrency (Parallel Consumer's maxConcurrency: worker threads, each
 # making its call with a blocking HttpClient.send, so up to as many connections).
 PEER_MAX_CONCURRENCY = 100
@@ -470,7 +475,14 @@ class System:
         self.sandbox_url = sandbox_url
         self.partitions = partitions
         self.workdir = workdir
-        tag = {VB: "vb", VB_ONE: "vb1", PEER: "pc", NAIVE: "naive", BARE: "bare"}[name]
+        tag = {
+            VB: "vb",
+            VB_ONE: "vb1",
+            PEER: "pc",
+            PEER_BOUNDED: "pcb",
+            NAIVE: "naive",
+            BARE: "bare",
+        }[name]
         self.commands = unique_topic(f"bench.{tag}.p{partitions}.commands")
         self.results = self.commands.replace(".commands-", ".results-")
         self.extra_topics: list[str] = []
@@ -523,9 +535,11 @@ class System:
             "BENCH_TERMINALS": tokens,
             "BENCH_MAX_CONNECTIONS": str(self.max_connections),
         }
-        if self.name == PEER:
+        if self.name in PEERS:
             assert self.command is not None
-            env["BENCH_PC_MAX_CONCURRENCY"] = str(PEER_MAX_CONCURRENCY)
+            env["BENCH_PC_MAX_CONCURRENCY"] = str(
+                PEER_MAX_CONCURRENCY if self.name == PEER else self.max_connections
+            )
             self.process = Process(self.command, env, self.log)
             return
         module = {NAIVE: "bench.naive", BARE: "bench.bare"}[self.name]
@@ -653,7 +667,7 @@ class Bench:
 
     async def main(self) -> None:
         plan = self.plan
-        if PEER in self.only:
+        if self.only & set(PEERS):
             await self.build_peer()
         self.bootstrap = await asyncio.to_thread(ensure_kafka)
         seed_path = self.workdir / "evoucher-seed.json"
@@ -685,7 +699,7 @@ class Bench:
         self, name: str, partitions: int, load: Load, vb_max: float | None
     ) -> float | None:
         plan = self.plan
-        if name == PEER and self.peer is None:
+        if name in PEERS and self.peer is None:
             for latency in plan.latencies:
                 for count in plan.terminal_counts:
                     scenario = Scenario(latency, count, partitions)
@@ -700,7 +714,7 @@ class Bench:
             partitions,
             self.workdir,
             self.max_connections,
-            self.peer.command if name == PEER and self.peer else None,
+            self.peer.command if name in PEERS and self.peer else None,
         )
         self.topics += system.topics
         print(f"{name}, {partitions} partition(s): starting", flush=True)
@@ -725,7 +739,12 @@ class Bench:
                     )
                     if target and name == VB and run.status == "ok":
                         vb_max = run.throughput
-                    if target and name in (*VOUCHER_BRIDGES, PEER, BARE) and vb_max and not failed:
+                    if (
+                        target
+                        and name in (*VOUCHER_BRIDGES, *PEERS, BARE)
+                        and vb_max
+                        and not failed
+                    ):
                         # The latency target: half of voucher-bridge's maximum rate here, after
                         # a pause that lets the burst's after-effects (commits, a garbage
                         # collection) pass, so that it measures the steady state.
@@ -1007,6 +1026,40 @@ def targets(runs: list[Run]) -> list[Target]:
         )
     else:
         found.append(Target(name, None, "not measured"))
+    # 8. Against the peer with as many threads as voucher-bridge has connections: what is left
+    # of the gap at the same concurrency on the upstream. Stated, not a pass/fail.
+    bounded, bounded_paced = burst(PEER_BOUNDED, where), paced.get(PEER_BOUNDED)
+    name = (
+        f"8. against the peer with as many threads as voucher-bridge's connections at {where.label}"
+    )
+    if vb and bounded:
+        bounded_cpu = bounded.cpu_ms_per_command.get("system")
+        over = (
+            vb_paced.latency_ms["p99"] - bounded_paced.latency_ms["p99"]
+            if vb_paced and bounded_paced
+            else None
+        )
+        found.append(
+            Target(
+                name,
+                None,
+                f"{vb.throughput / bounded.throughput:.2f}x throughput ({vb.throughput:,.0f}/s "
+                f"vs {bounded.throughput:,.0f}/s), CPU per command {_fmt(vb_cpu, 2)} vs "
+                f"{_fmt(bounded_cpu, 2)} ms, p99 at half max rate "
+                + (f"{over:+.1f} ms" if over is not None else "not measured"),
+                {
+                    "ratio": vb.throughput / bounded.throughput,
+                    "vb": vb.throughput,
+                    "peer_bounded": bounded.throughput,
+                    "vb_cpu_ms": vb_cpu,
+                    "peer_bounded_cpu_ms": bounded_cpu,
+                    "over_peer_bounded_p99_ms": over,
+                },
+                disturbed(vb) or disturbed(bounded),
+            )
+        )
+    else:
+        found.append(Target(name, None, "not measured"))
     return found
 
 
@@ -1036,6 +1089,7 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
         VB: "#1f77b4",
         VB_ONE: "#17becf",
         PEER: "#ff7f0e",
+        PEER_BOUNDED: "#ffbb78",
         NAIVE: "#d62728",
         BARE: "#7f7f7f",
     }
