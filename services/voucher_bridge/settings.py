@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     max_result_bytes: int = Field(default=1_000_000, gt=1000, le=1_040_000)
 
     # Processing
+    # Records taken at once, shared equally among the partitions held (kafka/dispatcher.py).
     max_in_flight: int = Field(default=1000, gt=0)
     # Processes that run the commands, so that one partition's keys use more than one core
     # (workers/pool.py); the consumer, the key-ordered dispatch and the commits stay in the

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.conftest import Stack
+from tests.conftest import EpinSandbox, Stack
 from voucher_sandboxes.localstack import CommandProducer, ResultReader
 
 
@@ -96,6 +96,42 @@ async def test_a_slow_upstream_never_costs_the_group_membership(stack: Any) -> N
         await reader.settle(2.0)
     assert len(reader.for_commands({c.id for c in sent})) == len(sent)  # once each
     assert _calls(s, "bill_total_api") - calls == len(sent)
+
+
+async def test_records_waiting_in_one_topic_never_stop_another_from_being_read(
+    stack: Any, epin: EpinSandbox
+) -> None:
+    """MAX_IN_FLIGHT 6, shared among the three partitions held (one POS, two coupon): 2 each.
+    Epin takes 12 s a list and the back office has sent 12 coupon commands: each coupon
+    partition holds its share and is paused, and a POS command sent after them is answered at
+    once. With one bound for all partitions the coupon records took every place, fetching
+    stopped everywhere, and the till waited for Epin."""
+    s: Stack = await stack(partitions=1)
+    s.use_epin(epin)
+    accounts = [epin.add_account() for _ in range(12)]
+    till = s.terminal()
+    async with (
+        s.service(max_in_flight=6, epin_read_timeout_s=30.0),
+        CommandProducer(s.bootstrap, s.commands) as pos,
+        CommandProducer(s.bootstrap, s.coupon_commands, source="/backoffice") as office,
+        ResultReader(s.bootstrap, s.results) as pos_results,
+        ResultReader(s.bootstrap, s.coupon_results) as coupon_results,
+    ):
+        warm = await pos.send("pos.bill_total", till, {"bill_total": 1})
+        await pos_results.wait_for({warm.id}, 30)
+        epin.faults(latency_ms=12_000, routes=["active"])
+        slow = {(await office.send("coupon.list_active", a, None)).id for a in accounts}
+        await asyncio.sleep(2.0)  # fetched and waiting on Epin
+        asked = time.monotonic()
+        quick = await pos.send("pos.bill_total", till, {"bill_total": 2})
+        await pos_results.wait_for({quick.id}, 30)
+        waited = time.monotonic() - asked
+        assert not coupon_results.for_commands(slow), "Epin answered sooner than it was set to"
+        epin.faults(latency_ms=0, routes=None)
+        await coupon_results.wait_for(slow, 90)
+        await coupon_results.settle(1.0)
+    assert waited < 5.0, f"the till waited {waited:.1f} s behind the coupon topic"
+    assert len(coupon_results.for_commands(slow)) == len(slow)  # once each
 
 
 async def test_a_revoked_partition_is_finished_and_committed_before_it_moves(

@@ -19,6 +19,7 @@ from voucher_bridge.kafka.dispatcher import KeyOrderedDispatcher
 TOPIC = "pos.commands"
 TP0 = TopicPartition(TOPIC, 0)
 TP1 = TopicPartition(TOPIC, 1)
+TP2 = TopicPartition(TOPIC, 2)
 
 
 @dataclass(frozen=True)
@@ -564,10 +565,12 @@ async def test_record_of_an_unassigned_partition_is_ignored(
 # -- back-pressure -------------------------------------------------------------------------------
 
 
-async def test_pause_at_max_in_flight_and_resume_at_half(
+async def test_a_partition_holding_its_share_is_paused_alone_and_resumed_at_half(
     setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
 ) -> None:
-    dispatcher, processor = setup(max_in_flight=4)
+    """Two partitions share max_in_flight (8): 4 each. The one whose records wait is paused
+    at 4 and resumed at 2; the other is never paused and its records run meanwhile."""
+    dispatcher, processor = setup(max_in_flight=8)
     consumer = FakeConsumer(TP0, TP1)
     gates = [processor.gate(i) for i in range(6)]
     await submit_all(dispatcher, consumer, [rec(i, f"k{i}") for i in range(3)])
@@ -575,11 +578,15 @@ async def test_pause_at_max_in_flight_and_resume_at_half(
     assert consumer.pauses == []
     await submit_all(dispatcher, consumer, [rec(3, "k3")])
     assert dispatcher.in_flight == 4
-    assert consumer.pauses == [{TP0, TP1}]
+    assert consumer.pauses == [{TP0}]
     # Records fetched already are still taken (submit never blocks), with no second pause.
     await submit_all(dispatcher, consumer, [rec(4, "k4"), rec(5, "k5")])
     assert dispatcher.in_flight == 6
-    assert consumer.pauses == [{TP0, TP1}]
+    assert consumer.pauses == [{TP0}]
+    # The other partition goes on: its records run while the first one's wait.
+    await submit_all(dispatcher, consumer, [rec(i, f"o{i}", partition=1) for i in range(3)])
+    await wait_until(lambda: processor.done_offsets(1) == [0, 1, 2])
+    assert consumer.pauses == [{TP0}] and consumer.resumes == []
 
     for index, in_flight in [(0, 5), (1, 4), (2, 3)]:
         gates[index].set()
@@ -587,19 +594,49 @@ async def test_pause_at_max_in_flight_and_resume_at_half(
         assert consumer.resumes == []
     gates[3].set()
     await wait_until(lambda: dispatcher.in_flight == 2)
-    assert consumer.resumes == [{TP0, TP1}]
+    assert consumer.resumes == [{TP0}]
     gates[4].set()
     gates[5].set()
     await wait_until(lambda: dispatcher.in_flight == 0)
-    assert consumer.resumes == [{TP0, TP1}]
-    assert consumer.pauses == [{TP0, TP1}]
+    assert consumer.resumes == [{TP0}]
+    assert consumer.pauses == [{TP0}]
     # And it pauses again when full again.
     more = [processor.gate(i) for i in range(6, 10)]
     await submit_all(dispatcher, consumer, [rec(i, f"k{i}") for i in range(6, 10)])
-    assert len(consumer.pauses) == 2
+    assert consumer.pauses == [{TP0}, {TP0}]
     for gate in more:
         gate.set()
     await wait_until(lambda: len(consumer.resumes) == 2)
+
+
+async def test_the_share_follows_the_partitions_assigned(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    """The share is worked out again at each rebalance: 6 among three partitions is 2 each,
+    then 3 each when one of them goes; never less than one record, however many partitions."""
+    dispatcher, processor = setup(max_in_flight=6)
+    consumer = FakeConsumer(TP0, TP1, TP2)
+    await dispatcher.listener.on_partitions_assigned([TP0, TP1, TP2])
+    first = [processor.gate(i, partition=1) for i in range(2)]
+    await submit_all(dispatcher, consumer, [rec(i, f"k{i}", partition=1) for i in range(2)])
+    assert consumer.pauses == [{TP1}]
+    for gate in first:
+        gate.set()
+    await dispatcher.listener.on_partitions_revoked([TP0, TP1, TP2])
+    consumer.assigned = {TP1, TP2}
+    await dispatcher.listener.on_partitions_assigned([TP1, TP2])
+    later = [processor.gate(i, partition=1) for i in range(2, 5)]
+    await submit_all(dispatcher, consumer, [rec(i, f"k{i}", partition=1) for i in range(2, 4)])
+    assert consumer.pauses == [{TP1}]  # 2 of 3
+    await submit_all(dispatcher, consumer, [rec(4, "k4", partition=1)])
+    assert consumer.pauses == [{TP1}, {TP1}]
+    for gate in later:
+        gate.set()
+
+    tiny, _ = setup(max_in_flight=1)
+    crowded = FakeConsumer(TP0, TP1, TP2)
+    await submit_all(tiny, crowded, [rec(0, "a"), rec(0, "b", partition=1)])
+    assert crowded.pauses == [{TP0}, {TP1}]
 
 
 async def test_same_key_records_count_towards_max_in_flight(
@@ -733,7 +770,8 @@ async def test_close_stops_accepting_and_commits_what_finished(
     gate = processor.gate(0)
     await submit_all(dispatcher, consumer, [rec(0, "a"), rec(1, "a"), rec(0, "x", 1)])
     await wait_until(lambda: processor.done_offsets(1) == [0])
-    assert consumer.pauses == [{TP0, TP1}]
+    assert consumer.pauses == [{TP0}, {TP1}]  # a share of 1 each
+    assert consumer.resumes == [{TP1}]  # its record done, before the close
 
     closing = asyncio.create_task(dispatcher.close())
     await settle()
@@ -747,7 +785,7 @@ async def test_close_stops_accepting_and_commits_what_finished(
     assert consumer.committed(TP0) == 1
     assert consumer.committed(TP1) == 1
     assert dispatcher.in_flight == 0
-    assert consumer.resumes == []  # a consumer about to stop is not resumed
+    assert consumer.resumes == [{TP1}]  # a consumer about to stop is not resumed
 
     count, started = len(consumer.commits), len(processor.started)
     await submit_all(dispatcher, consumer, [rec(3, "c")])

@@ -6,8 +6,10 @@ shared/research/faststream-aiokafka.md §1.2-1.4). This module does both, in the
 Confluent Parallel Consumer's KEY mode:
 
 - records of one key (within a partition) run strictly one after another, in offset order;
-- records of different keys run concurrently, up to `max_in_flight` records in all; beyond
-  that, fetching is paused until half of them are done (back-pressure);
+- records of different keys run concurrently, up to `max_in_flight` records in all, shared
+  out among the partitions held: a partition holding its share is paused until half of it
+  is done (back-pressure), the others fetch on, so that records waiting in one partition (a
+  coupon topic while Epin is down, a slow till's backlog) never stop another from being read;
 - an offset is committed only when it and every earlier offset of its partition are finished;
 - on revocation, the partition's running records (and any queued below the highest of them)
   finish, bounded in time; its finished offsets are committed, and what was queued above them
@@ -95,10 +97,13 @@ class PartitionProgress:
 
 @dataclass(eq=False)
 class _Partition:
+    tp: TopicPartition
     offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
     lanes: dict[bytes | None, _Lane] = field(default_factory=dict)
     revoked: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0  # records taken and not finished (or given back), of max_in_flight's share
+    paused: bool = False  # by back-pressure (fencing pauses apart from it)
 
 
 class KeyOrderedDispatcher:
@@ -144,7 +149,9 @@ class KeyOrderedDispatcher:
         self._turned_away: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._in_flight = 0
-        self._paused = False
+        # Each partition's share of max_in_flight, among the partitions assigned; None: to be
+        # worked out again (after a rebalance).
+        self._share: int | None = None
         self._closing = False
         self._commit_wanted = asyncio.Event()
         self._commit_lock = asyncio.Lock()
@@ -155,9 +162,9 @@ class KeyOrderedDispatcher:
     # -- intake, called by the consume loop in fetch order ------------------------------------
 
     async def submit(self, record: Record, consumer: AIOKafkaConsumer) -> None:
-        """Accept a record for processing. Never waits: when `max_in_flight` records are in
-        flight it pauses fetching instead, so the consume loop keeps polling (a blocked handler
-        would breach `max_poll_interval_ms` and lose the group membership)."""
+        """Accept a record for processing. Never waits: when its partition holds its share of
+        `max_in_flight` it pauses fetching from it instead, so the consume loop keeps polling
+        (a blocked handler would breach `max_poll_interval_ms` and lose the group membership)."""
         if self._closing:
             return  # not accepted, so not committed: the next consumer reads it again
         self._consumer = consumer
@@ -173,7 +180,7 @@ class KeyOrderedDispatcher:
         if partition is None:
             if tp not in consumer.assignment():
                 return  # fetched before a revocation; no longer ours
-            partition = self._partitions[tp] = _Partition()
+            partition = self._partitions[tp] = _Partition(tp)
         if partition.revoked or not partition.offsets.accept(record.offset):
             return
         metrics.consumed.add(
@@ -185,10 +192,20 @@ class KeyOrderedDispatcher:
             },
         )
         self._in_flight += 1
-        if self._in_flight >= self._max_in_flight and not self._paused:
-            self._paused = True
-            consumer.pause(*consumer.assignment())
+        partition.held += 1
+        if partition.held >= self._share_of(consumer) and not partition.paused:
+            partition.paused = True
+            consumer.pause(tp)
         self._enqueue(partition, record.key, record)
+
+    def _share_of(self, consumer: AIOKafkaConsumer) -> int:
+        """What one partition may hold: an equal share of max_in_flight among the partitions
+        assigned (a fixed share, not what the others leave unused, so that a partition that
+        fills up never takes the room of one that is idle now; the total stays within
+        max_in_flight), and at least one record."""
+        if self._share is None:
+            self._share = max(1, self._max_in_flight // max(1, len(consumer.assignment())))
+        return self._share
 
     def _start_background(self) -> None:
         if self._committer is None:
@@ -205,7 +222,7 @@ class KeyOrderedDispatcher:
             return False
         owned = self._partitions.get(tp)
         if owned is None:
-            owned = self._partitions[tp] = _Partition()
+            owned = self._partitions[tp] = _Partition(tp)
         if owned.revoked:
             return False
         self._enqueue(owned, key, Job(job, topic, partition))
@@ -241,8 +258,13 @@ class KeyOrderedDispatcher:
             if tp in consumer.assignment():
                 consumer.seek(tp, offset)
         self._turned_away.clear()
-        if not self._paused:
-            consumer.resume(*consumer.assignment())
+        consumer.resume(
+            *(
+                tp
+                for tp in consumer.assignment()
+                if not ((p := self._partitions.get(tp)) is not None and p.paused)
+            )
+        )
 
     @property
     def fenced(self) -> str | None:
@@ -394,7 +416,7 @@ class KeyOrderedDispatcher:
                 await self._process_until_done(item)
                 lane.items.popleft()
                 partition.offsets.finish(item.offset)
-                self._release(1)
+                self._release(partition, 1)
                 self._commit_wanted.set()
         except asyncio.CancelledError:
             if partition.revoked or self._closing or not lane.items:
@@ -418,7 +440,7 @@ class KeyOrderedDispatcher:
         # Reached with records left only when cancelled by a drain that timed out: give back
         # their room; their offsets stay uncommitted for the next owner.
         if lane.items:
-            self._release(lane.records())
+            self._release(partition, lane.records())
             lane.items.clear()
         if partition.lanes.get(key) is lane:
             del partition.lanes[key]
@@ -462,13 +484,20 @@ class KeyOrderedDispatcher:
         )
         metrics.records_abandoned.add(1, {"topic": record.topic})
 
-    def _release(self, count: int) -> None:
+    def _release(self, partition: _Partition, count: int) -> None:
         self._in_flight -= count
-        # Resume below a low-water mark, not at the limit, so fetching does not flap.
-        if self._paused and self._in_flight <= self._max_in_flight // 2 and not self._closing:
-            self._paused = False
-            if self._consumer is not None and self._fence is None:
-                self._consumer.resume(*self._consumer.assignment())
+        partition.held -= count
+        # Resume below a low-water mark, not at the share, so fetching does not flap.
+        consumer = self._consumer
+        if (
+            partition.paused
+            and consumer is not None
+            and partition.held <= self._share_of(consumer) // 2
+            and not (self._closing or partition.revoked)
+        ):
+            partition.paused = False
+            if self._fence is None and partition.tp in consumer.assignment():
+                consumer.resume(partition.tp)
 
     # -- commits ------------------------------------------------------------------------------
 
@@ -559,7 +588,7 @@ class KeyOrderedDispatcher:
                 lane.items.pop()
                 dropped += 0 if isinstance(last, Job) else 1
             if dropped:
-                self._release(dropped)
+                self._release(partition, dropped)
 
     async def close(self) -> None:
         """Stop accepting, finish what runs (bounded), commit it. Call before the consumer stops."""
@@ -580,6 +609,7 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._dispatcher._assigned.difference_update(revoked)
+        self._dispatcher._share = None  # shared out among what is held after the rebalance
         self._dispatcher.assigned_count = len(self._dispatcher._assigned)
         for tp in revoked:  # its next owner reads from the committed offset anyway
             self._dispatcher._turned_away.pop(tp, None)
@@ -588,6 +618,7 @@ class _DrainOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._dispatcher._assigned.update(assigned)
+        self._dispatcher._share = None
         self._dispatcher.assigned_count = len(self._dispatcher._assigned)
         self._dispatcher.rebalanced = True
         self._dispatcher._start_background()
