@@ -534,6 +534,28 @@ async def test_while_fenced_nothing_new_is_taken_and_it_is_read_again_after(
     await wait_until(lambda: consumer.committed(TP0) == 3)
 
 
+async def test_lifting_a_fence_leaves_a_full_partition_paused_until_it_has_room(
+    setup: Callable[..., tuple[KeyOrderedDispatcher, Processor]],
+) -> None:
+    """A fence pauses everything and its end resumes only what back-pressure has not paused;
+    a partition that got its room back while fenced is resumed when the fence is lifted."""
+    dispatcher, processor = setup(max_in_flight=4)  # 2 each
+    consumer = FakeConsumer(TP0, TP1)
+    gates = [processor.gate(i) for i in range(2)]
+    await submit_all(dispatcher, consumer, [rec(0, "a"), rec(1, "b")])
+    assert consumer.pauses == [{TP0}]
+    dispatcher.fence("a member of another store")
+    dispatcher.unfence()
+    assert consumer.resumes[-1] == {TP1}  # TP0 still holds its share
+    dispatcher.fence("again")
+    for gate in gates:
+        gate.set()
+    await wait_until(lambda: dispatcher.in_flight == 0)
+    assert consumer.resumes[-1] == {TP1}  # room again, but fenced: not resumed yet
+    dispatcher.unfence()
+    assert consumer.resumes[-1] == {TP0, TP1}
+
+
 # -- intake --------------------------------------------------------------------------------------
 
 
