@@ -491,9 +491,9 @@ class KeyOrderedDispatcher:
         consumer = self._consumer
         if (
             partition.paused
+            and not (self._closing or partition.revoked)
             and consumer is not None
             and partition.held <= self._share_of(consumer) // 2
-            and not (self._closing or partition.revoked)
         ):
             partition.paused = False
             if self._fence is None and partition.tp in consumer.assignment():
