@@ -529,6 +529,9 @@ class Service:
         """What only a running instance knows, for the console's overview."""
         upstreams = []
         workers = self.workers
+        if workers is not None:
+            # Their counts as of now: a command answered a moment ago is on the overview.
+            await workers.ask_for_metrics()
         for name, client in (("evoucher", self.evoucher), ("epin", self.epin)):
             breaker = client.guard.breaker
             state = breaker.state.name.lower() if breaker is not None else "off"

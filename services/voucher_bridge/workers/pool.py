@@ -211,12 +211,14 @@ class WorkerPool:
         up to `_METRICS_WAIT_S` (past that, each worker's last, at most 2 s old)."""
         loop = self._loop
         if loop is not None and not loop.is_closed() and threading.get_ident() != self._thread:
-            asked = asyncio.run_coroutine_threadsafe(self._ask_for_metrics(), loop)
+            asked = asyncio.run_coroutine_threadsafe(self.ask_for_metrics(), loop)
             with contextlib.suppress(Exception):  # late, or the loop stopping: the last ones
                 asked.result(timeout=_METRICS_WAIT_S)
         return dict(self._metrics)
 
-    async def _ask_for_metrics(self) -> None:
+    async def ask_for_metrics(self) -> None:
+        """Have every running worker send its metrics and console counts now (at most
+        `_METRICS_WAIT_S`), rather than reading the last ones, up to 2 s old."""
         asked = []
         for worker in self._workers:
             if worker.lost or not worker.ready.done() or worker.ready.exception():
