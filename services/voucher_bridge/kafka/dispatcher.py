@@ -102,7 +102,6 @@ class _Partition:
     lanes: dict[bytes | None, _Lane] = field(default_factory=dict)
     revoked: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    held: int = 0  # records taken and not finished (or given back), of max_in_flight's share
     paused: bool = False  # by back-pressure (fencing pauses apart from it)
 
 
@@ -192,8 +191,7 @@ class KeyOrderedDispatcher:
             },
         )
         self._in_flight += 1
-        partition.held += 1
-        if partition.held >= self._share_of(consumer) and not partition.paused:
+        if partition.offsets.in_flight >= self._share_of(consumer) and not partition.paused:
             partition.paused = True
             consumer.pause(tp)
         self._enqueue(partition, record.key, record)
@@ -486,14 +484,13 @@ class KeyOrderedDispatcher:
 
     def _release(self, partition: _Partition, count: int) -> None:
         self._in_flight -= count
-        partition.held -= count
         # Resume below a low-water mark, not at the share, so fetching does not flap.
         consumer = self._consumer
         if (
             partition.paused
             and not (self._closing or partition.revoked)
             and consumer is not None
-            and partition.held <= self._share_of(consumer) // 2
+            and partition.offsets.in_flight <= self._share_of(consumer) // 2
         ):
             partition.paused = False
             if self._fence is None and partition.tp in consumer.assignment():
