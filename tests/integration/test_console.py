@@ -5,7 +5,8 @@ service running as a process: its JSON API under /console/api/ and the `voucher-
 - A record dead-lettered as `too_large` is dry-run (a dead letter again), replayed once
   `MAX_RECORD_BYTES` is raised and answered once; replayed again, the stored result comes back
   and the sandbox sees no second call; then the quarantine limit refuses the next replay. Who
-  may act: no login is 401, a viewer's replay and a POST without `X-Console-Action` are 403.
+  may act: no login is 401, a viewer's replay and a POST without `X-Console-Action` are 403
+  (the viewer's in the audit).
 - An indeterminate result left to an operator is resolved, by the API and by the command line,
   with a superseding result under the next revision's id.
 - Without CONSOLE_USERS, /console/ answers 404.
@@ -366,7 +367,16 @@ async def test_a_dead_letter_is_replayed_once_answered_again_from_the_store_then
 
         # The audit: who did what, refusals included, newest first.
         audit = (await api.ok("GET", "audit", who=VIEWER))["items"]
-        wrong_topic, *audit = reversed(audit)
+        viewer_tried, wrong_topic, *audit = reversed(audit)
+        # The viewer's refused replay (the POST without the action header is not the user's).
+        assert [viewer_tried[k] for k in ("actor", "role", "action", "target", "outcome")] == [
+            VIEWER[0],
+            "viewer",
+            "replay",
+            target,
+            "refused",
+        ], viewer_tried
+        assert "only operators act" in viewer_tried["detail"]
         assert wrong_topic["outcome"] == "refused" and wrong_topic["target"] == f"{s.commands}/0/0"
         assert "not a dead-letter topic" in wrong_topic["detail"]
         audit.reverse()
@@ -564,6 +574,7 @@ async def test_an_operator_resolves_an_unsettled_result_by_the_api_and_the_comma
         done_by = [(a["actor"], a["action"], a["outcome"], a["target"]) for a in reversed(audit)]
         assert done_by == [
             (OPERATOR[0], "recheck", "refused", f"{by_api[0]}/{by_api[1]}"),
+            (VIEWER[0], "resolve", "refused", f"{by_api[0]}/{by_api[1]}"),  # a viewer
             (OPERATOR[0], "resolve", "refused", f"{by_api[0]}/{by_api[1]}"),  # no note
             (OPERATOR[0], "resolve", "done", f"{by_api[0]}/{by_api[1]}"),
             (OPERATOR[0], "resolve", "refused", f"{by_api[0]}/{by_api[1]}"),  # twice

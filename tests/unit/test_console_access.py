@@ -105,6 +105,7 @@ class StandIn:
 
     def __init__(self) -> None:
         self.acted: list[tuple[str, str]] = []
+        self.refusals: list[tuple[str, str, str, str]] = []
 
     async def overview(self) -> dict[str, Any]:
         return {"instance": "i-1", "unsettled": {"settling": 0, "left_to_operator": 0}}
@@ -116,6 +117,9 @@ class StandIn:
         if offset == 404:
             raise ConsoleError(404, "no record")
         return {"dry_run": dry_run, "summary": "a new command", "replay_count": 1}
+
+    async def refused(self, who: Operator, action: str, target: str, why: str) -> None:
+        self.refusals.append((who.name, action, target, why))
 
 
 async def _run_here(work: Awaitable[Any], timeout_s: float) -> Any:
@@ -167,6 +171,16 @@ async def test_viewers_read_and_only_operators_act_with_the_action_header(
     refused = await client.post(url, json=REPLAY, headers=operator)
     assert refused.status_code == 403 and "X-Console-Action" in refused.json()["error"]
     assert stand_in.acted == []  # neither reached the console
+    # The viewer's attempt is audited, with what it tried on what; the one without the header
+    # (a cross-site form's, perhaps) is not the user's doing.
+    assert stand_in.refusals == [
+        ("vera", "replay_dry_run", "pos.commands.dlq/0/3", "vera is a viewer: only operators act")
+    ]
+    resolve = {"source": "/stores/1", "id": "c-1", "outcome": "failed", "note": "n"}
+    answer = await client.post("/api/unsettled/resolve", json=resolve, headers={**viewer, **ACT})
+    assert answer.status_code == 403 and stand_in.acted == []
+    assert stand_in.refusals[-1][1:3] == ("resolve", "/stores/1/c-1")
+    stand_in.refusals.clear()
     done = await client.post(url, json=REPLAY, headers={**operator, **ACT})
     assert done.status_code == 200 and done.json()["summary"] == "a new command"
     missing = await client.post(url, json={**REPLAY, "offset": 404}, headers={**operator, **ACT})
@@ -215,5 +229,42 @@ async def test_replays_are_capped_per_minute_across_instances_by_the_audit(
         with pytest.raises(ConsoleError) as capped:
             await console._may_replay_now()
         assert capped.value.status == 429 and "CONSOLE_REPLAYS_PER_MINUTE" in capped.value.message
+    finally:
+        await store.close()
+
+
+async def test_a_viewer_reaching_an_action_is_refused_and_audited(tmp_path: Path) -> None:
+    """The second check, behind the door's (the command line and any new caller reach the
+    actions without it): refused before anything is looked up, and in the audit."""
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    nothing: Any = None
+    console = Console(
+        store=store,
+        once=nothing,
+        lanes=[],
+        producer=nothing,
+        reader=nothing,
+        publish=nothing,
+        limits=Limits(replays_per_minute=2),
+        clock=lambda: 1_800_000_000.0,
+    )
+    vera = Operator("vera", "viewer")
+    try:
+        attempts = (
+            console.replay(vera, "pos.commands.dlq", 0, 7, dry_run=False),
+            console.recheck(vera, "/stores/1", "c-1"),
+            console.resolve(vera, "/stores/1", "c-2", "failed", "seen on the statement"),
+        )
+        for attempt in attempts:
+            with pytest.raises(ConsoleError) as refused:
+                await attempt
+            assert refused.value.status == 403
+        audit = [(a.actor, a.action, a.target, a.outcome) for a in await store.actions(10)]
+        assert sorted(audit) == [
+            ("vera", "recheck", "/stores/1/c-1", "refused"),
+            ("vera", "replay", "pos.commands.dlq/0/7", "refused"),
+            ("vera", "resolve", "/stores/1/c-2", "refused"),
+        ]
     finally:
         await store.close()

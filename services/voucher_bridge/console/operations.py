@@ -195,7 +195,7 @@ class Console:
         only what the service would do with it now."""
         target = f"{topic}/{partition}/{offset}"
         action = "replay_dry_run" if dry_run else "replay"
-        self._may_act(who)
+        await self._may_act(who, action, target)
         try:
             replayed = await self._replayable(topic, partition, offset)
             would = await self._would(replayed)
@@ -222,8 +222,8 @@ class Console:
         }
 
     async def recheck(self, who: Operator, source: str, id: str) -> dict[str, Any]:
-        self._may_act(who)
         target = f"{source}/{id}"
+        await self._may_act(who, "recheck", target)
         row = await self._store.lookup(CommandKey(source, id))
         if row is None or not row.unsettled:
             why = (
@@ -243,8 +243,8 @@ class Console:
     async def resolve(
         self, who: Operator, source: str, id: str, outcome: str, note: str
     ) -> dict[str, Any]:
-        self._may_act(who)
         target = f"{source}/{id}"
+        await self._may_act(who, "resolve", target)
         note = note.strip()
         try:
             if not note:
@@ -272,9 +272,16 @@ class Console:
 
     # -- the parts ----------------------------------------------------------------------------
 
-    def _may_act(self, who: Operator) -> None:
+    async def refused(self, who: Operator, action: str, target: str, why: str) -> None:
+        """An attempt refused before it reached the action (the console's door refuses a
+        viewer's POST), in the audit as the actions' own refusals are."""
+        await self._record(who, action, target, "refused", why)
+
+    async def _may_act(self, who: Operator, action: str, target: str) -> None:
         if not who.may_act:
-            raise ConsoleError(403, f"{who.name} is a viewer: only operators act")
+            why = viewer_refusal(who)
+            await self._record(who, action, target, "refused", why)
+            raise ConsoleError(403, why)
 
     def _dead_letter_lane(self, topic: str) -> ConsoleLane:
         for lane in self._lanes:
@@ -457,6 +464,10 @@ class Console:
             else None,
         }
         return item
+
+
+def viewer_refusal(who: Operator) -> str:
+    return f"{who.name} is a viewer: only operators act"
 
 
 def _json(text: str) -> Any:

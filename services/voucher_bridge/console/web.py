@@ -6,7 +6,8 @@ live. Access, in this order:
 - no CONSOLE_USERS: 404 for everything (the console is never open without a login);
 - HTTP Basic, else 401;
 - a POST must carry `X-Console-Action: 1` (a cross-site form cannot set it), else 403; and
-  only operators act (403 for a viewer, checked again in `Console`).
+  only operators act (403 for a viewer, checked again in `Console`); a viewer's attempt is
+  in the audit, with what it tried on what.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from voucher_bridge.console.access import Operator, Users
-from voucher_bridge.console.operations import Console, ConsoleError
+from voucher_bridge.console.operations import Console, ConsoleError, viewer_refusal
 from voucher_bridge.health import ServiceNotRunning, on_loop
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,20 @@ def console_app(console: Console | None, users: Users, run: RunOnService) -> ASG
         Mount("/static", app=StaticFiles(directory=_HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes)
-    return _Guarded(app, users, enabled=console is not None)
+    return _Guarded(app, users, console, run)
 
 
 class _Guarded:
     """The access rules above, before any route (ASGI middleware)."""
 
-    def __init__(self, app: Starlette, users: Users, enabled: bool) -> None:
+    def __init__(
+        self, app: Starlette, users: Users, console: Console | None, run: RunOnService
+    ) -> None:
         self._app = app
         self._users = users
-        self._enabled = enabled and users.any
+        self._console = console
+        self._run = run
+        self._enabled = console is not None and users.any
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -101,14 +106,14 @@ class _Guarded:
                 message = {**message, "headers": headers}
             await send(message)
 
-        request = Request(scope)
-        refusal = self._refusal(request)
+        request = Request(scope, receive)
+        refusal = await self._refusal(request)
         if refusal is not None:
             await refusal(scope, receive, send_secured)
             return
         await self._app(scope, receive, send_secured)
 
-    def _refusal(self, request: Request) -> Response | None:
+    async def _refusal(self, request: Request) -> Response | None:
         """The answer that refuses the request, or None (the operator then in its state)."""
         if not self._enabled:
             return _plain(404, "Not Found")
@@ -121,9 +126,28 @@ class _Guarded:
             if request.headers.get(_ACTION_HEADER) != "1":
                 return _json_error(403, "an action must carry the header X-Console-Action: 1")
             if not who.may_act:
-                return _json_error(403, f"{who.name} is a viewer: only operators act")
+                why = viewer_refusal(who)
+                await self._audit_refusal(request, who, why)
+                return _json_error(403, why)
         request.scope.setdefault("state", {})["operator"] = who
         return None
+
+    async def _audit_refusal(self, request: Request, who: Operator, why: str) -> None:
+        # The request goes no further, so its body is read here for what it tried on what.
+        body = await _body(request) or {}
+        path = request.url.path
+        if path.endswith("/dead-letters/replay"):
+            action = "replay_dry_run" if body.get("dry_run") else "replay"
+            target = f"{body.get('topic')}/{body.get('partition')}/{body.get('offset')}"
+        else:
+            action = path.rsplit("/", 1)[-1] if "/unsettled/" in path else f"POST {path}"
+            target = f"{body.get('source')}/{body.get('id')}" if "/unsettled/" in path else ""
+        assert self._console is not None  # enabled
+        try:
+            refused = self._console.refused(who, action[:200], target[:300], why)
+            await self._run(refused, 5.0)
+        except Exception as exc:  # the refusal stands whether or not the audit took it
+            log.warning("a viewer's refused %s was not audited: %s", action, type(exc).__name__)
 
 
 class _Pages:
