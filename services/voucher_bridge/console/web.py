@@ -140,7 +140,9 @@ class _Guarded:
             action = "replay_dry_run" if body.get("dry_run") else "replay"
             target = f"{body.get('topic')}/{body.get('partition')}/{body.get('offset')}"
         else:
-            action = path.rsplit("/", 1)[-1] if "/unsettled/" in path else f"POST {path}"
+            action = (
+                path.rsplit("/", 1)[-1] if "/unsettled/" in path else f"{request.method} {path}"
+            )
             target = f"{body.get('source')}/{body.get('id')}" if "/unsettled/" in path else ""
         assert self._console is not None  # enabled
         try:
