@@ -139,11 +139,10 @@ class _Guarded:
         if path.endswith("/dead-letters/replay"):
             action = "replay_dry_run" if body.get("dry_run") else "replay"
             target = f"{body.get('topic')}/{body.get('partition')}/{body.get('offset')}"
+        elif "/unsettled/" in path:  # recheck, resolve
+            action, target = path.rsplit("/", 1)[-1], f"{body.get('source')}/{body.get('id')}"
         else:
-            action = (
-                path.rsplit("/", 1)[-1] if "/unsettled/" in path else f"{request.method} {path}"
-            )
-            target = f"{body.get('source')}/{body.get('id')}" if "/unsettled/" in path else ""
+            action, target = f"{request.method} {path}", ""
         assert self._console is not None  # enabled
         try:
             refused = self._console.refused(who, action[:200], target[:300], why)
