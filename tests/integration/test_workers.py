@@ -31,7 +31,7 @@ from tests.support.workload import (
 from voucher_sandboxes.localstack import ResultReader, free_port, start_service
 
 TILLS = 20
-BILLS = 4
+BILLS = 6
 KILLS = 4
 
 
@@ -65,7 +65,7 @@ async def test_killed_workers_are_replaced_and_nothing_is_applied_twice_or_lost(
     vouchers = {t: s.sandbox.add_vouchers(*["10.00"] * (2 * BILLS)) for t in tills}
     double_before = _double_redemptions(s.sandbox)
     # Slow enough calls that a kill meets some in flight, and answers lost after the apply.
-    s.sandbox.faults(latency_ms=40, drop_after_apply_rate=0.05, seed=16)
+    s.sandbox.faults(latency_ms=150, drop_after_apply_rate=0.05, seed=16)
     port = free_port()
     users = json.dumps({"viewer": {"password": "seen-not-touched", "role": "viewer"}})
     service = start_service(
@@ -78,15 +78,17 @@ async def test_killed_workers_are_replaced_and_nothing_is_applied_twice_or_lost(
         await until(lambda: http_ready(port), 60, "the service ready")
         first = workers_of(service.popen.pid)
         assert len(first) == 2, first
-        workload = TillWorkload(s.bootstrap, s.commands, tills, vouchers, pause_s=0.05)
+        # The tills send for about 6 s (24 commands each, 0.25 s apart), so that every kill
+        # falls inside the run however fast the machine is; with 40 ms calls and 0.05 s the
+        # whole run could be answered before the first kill, which then met nothing.
+        workload = TillWorkload(s.bootstrap, s.commands, tills, vouchers, pause_s=0.25)
         async with workload.running(BILLS) as run:
             killed: list[int] = []
             for _ in range(KILLS):
-                await asyncio.sleep(rng.uniform(0.8, 2.0))
+                await asyncio.sleep(rng.uniform(0.3, 0.8))
+                # Both workers started (the last one killed replaced) and commands in flight.
+                await until(lambda: _busy(port), 30, "both workers up, commands in flight")
                 alive = workers_of(service.popen.pid)
-                if len(alive) < 2:  # one still being started again after the last kill
-                    await until(lambda: _two_workers(service.popen.pid), 30, "two workers")
-                    alive = workers_of(service.popen.pid)
                 victim = rng.choice(alive)
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
@@ -156,6 +158,13 @@ async def test_killed_workers_are_replaced_and_nothing_is_applied_twice_or_lost(
 
 async def _two_workers(pid: int) -> bool:
     return len(workers_of(pid)) == 2
+
+
+async def _busy(port: int) -> bool:
+    """Every worker ready, and at least four commands in flight."""
+    url = f"http://127.0.0.1:{port}/health/ready"
+    state = (await asyncio.to_thread(httpx.get, url, timeout=6)).json()
+    return state.get("workers") is True and state.get("in_flight", 0) >= 4
 
 
 def _running(pids: list[int]) -> bool:
