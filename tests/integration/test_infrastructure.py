@@ -2,7 +2,8 @@
 restarted (stopped, 10 s, started), PostgreSQL restarted, the upstream hanging for longer than
 the drain timeout while the group rebalances. Afterwards every command has its one result, no
 voucher was redeemed twice, no till was answered out of order, and the same service process
-goes on answering without a restart of its own."""
+goes on answering without a restart of its own. And a stop (SIGTERM) while the broker is away
+still ends within its bound, the next instance answering what it left."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.support.workload import (
     until,
     wait_for_log,
 )
+from voucher_bridge.serving import SHUTDOWN_MARGIN_S, UNFINISHED_STOP_STATUS
 from voucher_sandboxes.localstack import (
     CommandProducer,
     Process,
@@ -196,3 +198,57 @@ async def test_an_upstream_hanging_past_the_drain_timeout_during_a_rebalance(
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_stop_while_the_broker_is_away_ends_within_its_bound(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """SIGTERM with calls in flight and the broker gone (a node drained during an outage): the
+    process still ends within DRAIN_TIMEOUT_S + the margin that terminationGracePeriodSeconds
+    covers, with status 70 and saying so where its results and commits could not be made, and
+    the next instance answers every command once, through the store: the drain gave up calls
+    whose outcome it could not know."""
+    broker = PrivateBroker(tmp_path / "kafka")
+    await asyncio.to_thread(broker.up)
+    first: Process | None = None
+    second: Process | None = None
+    try:
+        s = Stack(broker.bootstrap, sandbox, f"sqlite:///{tmp_path / 'store.sqlite3'}")
+        await _topics(s)
+        tills, vouchers = _tills(s)
+        double_before = _double_redemptions(sandbox)
+        drain_timeout_s = 5.0
+        env = service_env(s, DRAIN_TIMEOUT_S=str(drain_timeout_s), EVOUCHER_READ_TIMEOUT_S="15")
+        port = free_port()
+        first = start_service(env, tmp_path / "first.log", http_port=port)
+        await until(lambda: http_ready(port), 60, "the service ready")
+        sandbox.faults(latency_ms=3000)  # calls in flight when the broker goes, then the stop
+        workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.2)
+        async with workload.running(BILLS) as run:
+
+            async def busy() -> bool:
+                return (await _probe(port, "ready"))[1]["in_flight"] >= 5
+
+            await until(busy, 30, "commands in flight")
+            await asyncio.to_thread(broker.down)
+            started = time.monotonic()
+            status = first.stop(timeout_s=drain_timeout_s + SHUTDOWN_MARGIN_S + 30)
+            took = time.monotonic() - started
+            assert took < drain_timeout_s + SHUTDOWN_MARGIN_S + 1, took
+            log = (tmp_path / "first.log").read_text()
+            assert "drain timed out" in log
+            assert status in (0, UNFINISHED_STOP_STATUS), status
+            if status == UNFINISHED_STOP_STATUS:
+                assert "the stop did not finish within" in log
+            sandbox.faults(latency_ms=0)
+            await asyncio.to_thread(broker.up)
+            second = start_service(env, tmp_path / "second.log")
+            await asyncio.wait_for(run, 180)
+        print(f"\nstopped with the broker away: status {status} after {took:.1f} s")
+        await _finish(s, workload, second, double_before, "a stop with the broker away")
+    finally:
+        sandbox.faults(latency_ms=0)
+        for service in (first, second):
+            if service is not None:
+                service.stop()
+        await asyncio.to_thread(broker.down)
