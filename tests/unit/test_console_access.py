@@ -199,14 +199,10 @@ async def test_pages_render_for_a_viewer(client: httpx.AsyncClient) -> None:
     assert css.status_code == 200
 
 
-async def test_replays_are_capped_per_minute_across_instances_by_the_audit(
-    tmp_path: Path,
-) -> None:
-    store = SqliteStore(tmp_path / "store.sqlite3")
-    await store.open()
-    now = 1_800_000_000.0
+def _console_on(store: SqliteStore, now: float) -> Console:
+    """A console on a real store, with nothing else behind it (what these tests do not reach)."""
     nothing: Any = None
-    console = Console(
+    return Console(
         store=store,
         once=nothing,
         lanes=[],
@@ -216,6 +212,15 @@ async def test_replays_are_capped_per_minute_across_instances_by_the_audit(
         limits=Limits(replays_per_minute=2),
         clock=lambda: now,
     )
+
+
+async def test_replays_are_capped_per_minute_across_instances_by_the_audit(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    now = 1_800_000_000.0
+    console = _console_on(store, now)
     try:
         # Another instance's (or the command line's) replays count: they are in the store.
         for at, outcome in ((now - 70, "done"), (now - 30, "done"), (now - 5, "refused")):
@@ -238,17 +243,7 @@ async def test_a_viewer_reaching_an_action_is_refused_and_audited(tmp_path: Path
     actions without it): refused before anything is looked up, and in the audit."""
     store = SqliteStore(tmp_path / "store.sqlite3")
     await store.open()
-    nothing: Any = None
-    console = Console(
-        store=store,
-        once=nothing,
-        lanes=[],
-        producer=nothing,
-        reader=nothing,
-        publish=nothing,
-        limits=Limits(replays_per_minute=2),
-        clock=lambda: 1_800_000_000.0,
-    )
+    console = _console_on(store, 1_800_000_000.0)
     vera = Operator("vera", "viewer")
     try:
         attempts = (
