@@ -280,7 +280,7 @@ class Console:
     async def _may_act(self, who: Operator, action: str, target: str) -> None:
         if not who.may_act:
             why = viewer_refusal(who)
-            await self._record(who, action, target, "refused", why)
+            await self.refused(who, action, target, why)
             raise ConsoleError(403, why)
 
     def _dead_letter_lane(self, topic: str) -> ConsoleLane:
