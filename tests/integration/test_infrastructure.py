@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,21 @@ def _double_redemptions(sandbox: Sandbox) -> int:
     return int(totals["double_redemptions"])
 
 
+@asynccontextmanager
+async def _on_a_broker_of_its_own(
+    sandbox: Sandbox, tmp_path: Path
+) -> AsyncIterator[tuple[PrivateBroker, Stack]]:
+    """A broker only this test uses (it stops it), the topics on it, and a SQLite store."""
+    broker = PrivateBroker(tmp_path / "kafka")
+    await asyncio.to_thread(broker.up)
+    try:
+        s = Stack(broker.bootstrap, sandbox, f"sqlite:///{tmp_path / 'store.sqlite3'}")
+        await _topics(s)
+        yield broker, s
+    finally:
+        await asyncio.to_thread(broker.down)
+
+
 async def _finish(
     s: Stack, workload: TillWorkload, service: Process, double_before: int, label: str
 ) -> dict[str, int]:
@@ -93,44 +110,40 @@ async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
 async def test_a_broker_restart_mid_run(sandbox: Sandbox, tmp_path: Path) -> None:
     """...and the probes through it: liveness true all along (a restart would not help),
     readiness false saying the broker is away, then ready again without a restart."""
-    broker = PrivateBroker(tmp_path / "kafka")
-    await asyncio.to_thread(broker.up)
-    service: Process | None = None
-    try:
-        s = Stack(broker.bootstrap, sandbox, f"sqlite:///{tmp_path / 'store.sqlite3'}")
-        await _topics(s)
-        tills, vouchers = _tills(s)
-        double_before = _double_redemptions(sandbox)
-        port = free_port()
-        service = start_service(service_env(s), tmp_path / "service.log", http_port=port)
-        # Ready first (its workers started: a few seconds on a busy machine), then at work.
-        await until(lambda: http_ready(port), 60, "the service ready")
-        workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.4)
-        async with workload.running(BILLS) as run:
-            await asyncio.sleep(3)  # commands flowing
-            status, report = await _probe(port, "ready")
-            assert status == 200, report
-            await asyncio.to_thread(broker.down)
-            lives, readies = [], []
-            for _ in range(8):
-                await asyncio.sleep(1.2)
-                lives.append(await _probe(port, "live"))
-                readies.append(await _probe(port, "ready"))
-            await asyncio.to_thread(broker.up)
-            assert all(status == 200 and body["live"] for status, body in lives), lives
-            status, report = readies[-1]
-            assert status == 503 and not report["ready"] and not report["broker"], report
-            assert not report["producer"] and "producer" in report["why"], report
-            await asyncio.wait_for(run, 180)
-        deadline = time.monotonic() + 60
-        while (await _probe(port, "ready"))[0] != 200:
-            assert time.monotonic() < deadline, "not ready again after the broker came back"
-            await asyncio.sleep(0.5)
-        await _finish(s, workload, service, double_before, "broker restart")
-    finally:
-        if service is not None:
-            service.stop()
-        await asyncio.to_thread(broker.down)
+    async with _on_a_broker_of_its_own(sandbox, tmp_path) as (broker, s):
+        service: Process | None = None
+        try:
+            tills, vouchers = _tills(s)
+            double_before = _double_redemptions(sandbox)
+            port = free_port()
+            service = start_service(service_env(s), tmp_path / "service.log", http_port=port)
+            # Ready first (its workers started: a few seconds on a busy machine), then at work.
+            await until(lambda: http_ready(port), 60, "the service ready")
+            workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.4)
+            async with workload.running(BILLS) as run:
+                await asyncio.sleep(3)  # commands flowing
+                status, report = await _probe(port, "ready")
+                assert status == 200, report
+                await asyncio.to_thread(broker.down)
+                lives, readies = [], []
+                for _ in range(8):
+                    await asyncio.sleep(1.2)
+                    lives.append(await _probe(port, "live"))
+                    readies.append(await _probe(port, "ready"))
+                await asyncio.to_thread(broker.up)
+                assert all(status == 200 and body["live"] for status, body in lives), lives
+                status, report = readies[-1]
+                assert status == 503 and not report["ready"] and not report["broker"], report
+                assert not report["producer"] and "producer" in report["why"], report
+                await asyncio.wait_for(run, 180)
+            deadline = time.monotonic() + 60
+            while (await _probe(port, "ready"))[0] != 200:
+                assert time.monotonic() < deadline, "not ready again after the broker came back"
+                await asyncio.sleep(0.5)
+            await _finish(s, workload, service, double_before, "broker restart")
+        finally:
+            if service is not None:
+                service.stop()
 
 
 async def test_a_postgres_restart_mid_run(
@@ -208,47 +221,43 @@ async def test_a_stop_while_the_broker_is_away_ends_within_its_bound(
     covers, with status 70 and saying so where its results and commits could not be made, and
     the next instance answers every command once, through the store: the drain gave up calls
     whose outcome it could not know."""
-    broker = PrivateBroker(tmp_path / "kafka")
-    await asyncio.to_thread(broker.up)
-    first: Process | None = None
-    second: Process | None = None
-    try:
-        s = Stack(broker.bootstrap, sandbox, f"sqlite:///{tmp_path / 'store.sqlite3'}")
-        await _topics(s)
-        tills, vouchers = _tills(s)
-        double_before = _double_redemptions(sandbox)
-        drain_timeout_s = 5.0
-        env = service_env(s, DRAIN_TIMEOUT_S=str(drain_timeout_s), EVOUCHER_READ_TIMEOUT_S="15")
-        port = free_port()
-        first = start_service(env, tmp_path / "first.log", http_port=port)
-        await until(lambda: http_ready(port), 60, "the service ready")
-        sandbox.faults(latency_ms=3000)  # calls in flight when the broker goes, then the stop
-        workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.2)
-        async with workload.running(BILLS) as run:
+    async with _on_a_broker_of_its_own(sandbox, tmp_path) as (broker, s):
+        first: Process | None = None
+        second: Process | None = None
+        try:
+            tills, vouchers = _tills(s)
+            double_before = _double_redemptions(sandbox)
+            drain_timeout_s = 5.0
+            env = service_env(s, DRAIN_TIMEOUT_S=str(drain_timeout_s), EVOUCHER_READ_TIMEOUT_S="15")
+            port = free_port()
+            first = start_service(env, tmp_path / "first.log", http_port=port)
+            await until(lambda: http_ready(port), 60, "the service ready")
+            sandbox.faults(latency_ms=3000)  # calls in flight when the broker goes, then the stop
+            workload = TillWorkload(broker.bootstrap, s.commands, tills, vouchers, pause_s=0.2)
+            async with workload.running(BILLS) as run:
 
-            async def busy() -> bool:
-                return (await _probe(port, "ready"))[1]["in_flight"] >= 5
+                async def busy() -> bool:
+                    return (await _probe(port, "ready"))[1]["in_flight"] >= 5
 
-            await until(busy, 30, "commands in flight")
-            await asyncio.to_thread(broker.down)
-            started = time.monotonic()
-            status = first.stop(timeout_s=drain_timeout_s + SHUTDOWN_MARGIN_S + 30)
-            took = time.monotonic() - started
-            assert took < drain_timeout_s + SHUTDOWN_MARGIN_S + 1, took
-            log = (tmp_path / "first.log").read_text()
-            assert "drain timed out" in log
-            assert status in (0, UNFINISHED_STOP_STATUS), status
-            if status == UNFINISHED_STOP_STATUS:
-                assert "the stop did not finish within" in log
+                await until(busy, 30, "commands in flight")
+                await asyncio.to_thread(broker.down)
+                started = time.monotonic()
+                status = first.stop(timeout_s=drain_timeout_s + SHUTDOWN_MARGIN_S + 30)
+                took = time.monotonic() - started
+                assert took < drain_timeout_s + SHUTDOWN_MARGIN_S + 1, took
+                log = (tmp_path / "first.log").read_text()
+                assert "drain timed out" in log
+                assert status in (0, UNFINISHED_STOP_STATUS), status
+                if status == UNFINISHED_STOP_STATUS:
+                    assert "the stop did not finish within" in log
+                sandbox.faults(latency_ms=0)
+                await asyncio.to_thread(broker.up)
+                second = start_service(env, tmp_path / "second.log")
+                await asyncio.wait_for(run, 180)
+            print(f"\nstopped with the broker away: status {status} after {took:.1f} s")
+            await _finish(s, workload, second, double_before, "a stop with the broker away")
+        finally:
             sandbox.faults(latency_ms=0)
-            await asyncio.to_thread(broker.up)
-            second = start_service(env, tmp_path / "second.log")
-            await asyncio.wait_for(run, 180)
-        print(f"\nstopped with the broker away: status {status} after {took:.1f} s")
-        await _finish(s, workload, second, double_before, "a stop with the broker away")
-    finally:
-        sandbox.faults(latency_ms=0)
-        for service in (first, second):
-            if service is not None:
-                service.stop()
-        await asyncio.to_thread(broker.down)
+            for service in (first, second):
+                if service is not None:
+                    service.stop()
